@@ -1,0 +1,8 @@
+"""dat-smt: DAT, DAT++ and SMT backbones for timm, DETR-family detection adapters and a deformable sampling op.
+
+Importing the package registers every model of the zoo with timm, so ``timm.create_model('dat_tiny')`` works.
+"""
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["ops", "__version__"]

@@ -1,0 +1,12 @@
+"""Custom operators: multi-scale deformable attention sampling and neighborhood attention."""
+from .modules import MSDeformAttn
+from .msda import ms_deform_attn_reference, multi_scale_deformable_attention
+from .neighborhood import neighborhood_attention_2d, neighborhood_attention_2d_reference
+
+__all__ = [
+    "MSDeformAttn",
+    "ms_deform_attn_reference",
+    "multi_scale_deformable_attention",
+    "neighborhood_attention_2d",
+    "neighborhood_attention_2d_reference",
+]

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(
+    os.environ.get("DAT_SMT_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The shared reference material (fixtures, manifests) produced by running the official code."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference folder {REFERENCE_DIR} is absent; set DAT_SMT_REFERENCE_DIR to point at it")
+    return REFERENCE_DIR.resolve()
