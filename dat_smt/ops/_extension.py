@@ -45,7 +45,7 @@ def _build() -> dict:
             extra_include_paths=[str(CSRC_DIR)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3"],
             with_cuda=with_cuda,
             is_python_module=False,
             verbose=os.environ.get("DAT_SMT_VERBOSE_BUILD", "0") == "1",

@@ -11,8 +11,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MSDA_HOST_DEVICE __host__ __device__ __forceinline__
+#define MSDA_UNROLL _Pragma("unroll")
 #else
 #define MSDA_HOST_DEVICE inline
+#define MSDA_UNROLL
 #endif
 
 namespace dat_smt {
@@ -74,7 +76,7 @@ template <typename scalar_t, typename acc_t>
 MSDA_HOST_DEVICE acc_t bilinear_sample(const scalar_t* channel_base, int64_t stride,
                                        const BilinearPoint<acc_t>& point) {
   acc_t sample = 0;
-#pragma unroll
+MSDA_UNROLL
   for (int corner = 0; corner < 4; ++corner) {
     if (point.index[corner] >= 0) {
       sample += point.weight[corner] * static_cast<acc_t>(channel_base[point.index[corner] * stride]);
