@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -61,60 +62,132 @@ LevelTable read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level
 #define MSDA_CPU_MULTIVERSION
 #endif
 
-// kChannels > 0 fixes D at compile time (the common head sizes) so accumulators live in registers;
-// kChannels == 0 handles any D.
-template <typename scalar_t, int64_t kChannels>
-struct Channels {
-  int64_t runtime;
-  inline int64_t count() const { return kChannels > 0 ? kChannels : runtime; }
-};
+// The kernels below must be inlined into the multiversioned entry points to be compiled for their ISA.
+#if defined(__GNUC__)
+#define MSDA_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define MSDA_CPU_INLINE inline
+#endif
 
-template <typename scalar_t, int64_t kChannels>
-inline void axpy(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, scalar_t a, Channels<scalar_t, kChannels> c) {
-  const int64_t n = c.count();
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] += a * x[i];
-  }
-}
-
-template <typename scalar_t, int64_t kChannels>
-inline scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Channels<scalar_t, kChannels> c) {
-  // Eight partial sums in a fixed order: vectorisable and still deterministic.
-  const int64_t n = c.count();
-  scalar_t partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int64_t j = 0; j < 8; ++j) {
-      partial[j] += x[i + j] * y[i + j];
+// The D channels of one (query, head) row. kChannels > 0 fixes D at compile time (the common head sizes): the
+// row is then an array of 32-byte vectors (GCC/Clang vector extensions) that stays in registers and compiles to
+// AVX2 or SSE2 depending on the clone. kChannels == 0 handles any D with plain loops. Every reduction runs in a
+// fixed order, so results are deterministic.
+template <typename scalar_t, int64_t kChannels, typename Enable = void>
+class ChannelRow {
+ public:
+  explicit ChannelRow(int64_t channels) : data_(channels) {}
+  MSDA_CPU_INLINE void zero() { std::fill(data_.begin(), data_.end(), scalar_t(0)); }
+  MSDA_CPU_INLINE void load(const scalar_t* x) { std::copy(x, x + data_.size(), data_.begin()); }
+  MSDA_CPU_INLINE void store(scalar_t* y) const { std::copy(data_.begin(), data_.end(), y); }
+  // this += a * x
+  MSDA_CPU_INLINE void add_scaled(const scalar_t* __restrict__ x, scalar_t a) {
+    const int64_t n = static_cast<int64_t>(data_.size());
+    for (int64_t i = 0; i < n; ++i) {
+      data_[i] += a * x[i];
     }
   }
-  for (; i < n; ++i) {
-    partial[0] += x[i] * y[i];
+  // y += a * this
+  MSDA_CPU_INLINE void scaled_add_to(scalar_t* __restrict__ y, scalar_t a) const {
+    const int64_t n = static_cast<int64_t>(data_.size());
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] += a * data_[i];
+    }
   }
-  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
-}
+  MSDA_CPU_INLINE scalar_t dot(const scalar_t* __restrict__ x) const {
+    scalar_t partial[4] = {0, 0, 0, 0};
+    const int64_t n = static_cast<int64_t>(data_.size());
+    for (int64_t i = 0; i < n; ++i) {
+      partial[i % 4] += data_[i] * x[i];
+    }
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+
+ private:
+  std::vector<scalar_t> data_;
+};
+
+#if defined(__GNUC__)
+constexpr int64_t kVectorBytes = 32;
+#define MSDA_CPU_UNROLL _Pragma("GCC unroll 16")
+
+template <typename scalar_t, int64_t kChannels>
+class ChannelRow<scalar_t, kChannels,
+                 std::enable_if_t<(kChannels > 0 && (kChannels * sizeof(scalar_t)) % kVectorBytes == 0)>> {
+ public:
+  typedef scalar_t vec_t __attribute__((vector_size(kVectorBytes)));
+  // The same vector, for unaligned loads and stores from tensor memory.
+  typedef scalar_t unaligned_vec_t __attribute__((vector_size(kVectorBytes), aligned(alignof(scalar_t)), may_alias));
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(scalar_t);
+  static constexpr int64_t kVectors = kChannels / kLanes;
+
+  explicit ChannelRow(int64_t) {}
+  MSDA_CPU_INLINE void zero() {
+    MSDA_CPU_UNROLL
+    for (int64_t v = 0; v < kVectors; ++v) {
+      data_[v] = vec_t{};
+    }
+  }
+  MSDA_CPU_INLINE void load(const scalar_t* x) {
+    MSDA_CPU_UNROLL
+    for (int64_t v = 0; v < kVectors; ++v) {
+      data_[v] = load_vector(x + v * kLanes);
+    }
+  }
+  MSDA_CPU_INLINE void store(scalar_t* y) const {
+    MSDA_CPU_UNROLL
+    for (int64_t v = 0; v < kVectors; ++v) {
+      *reinterpret_cast<unaligned_vec_t*>(y + v * kLanes) = data_[v];
+    }
+  }
+  MSDA_CPU_INLINE void add_scaled(const scalar_t* __restrict__ x, scalar_t a) {
+    MSDA_CPU_UNROLL
+    for (int64_t v = 0; v < kVectors; ++v) {
+      data_[v] += a * load_vector(x + v * kLanes);
+    }
+  }
+  MSDA_CPU_INLINE void scaled_add_to(scalar_t* __restrict__ y, scalar_t a) const {
+    MSDA_CPU_UNROLL
+    for (int64_t v = 0; v < kVectors; ++v) {
+      *reinterpret_cast<unaligned_vec_t*>(y + v * kLanes) = load_vector(y + v * kLanes) + a * data_[v];
+    }
+  }
+  MSDA_CPU_INLINE scalar_t dot(const scalar_t* __restrict__ x) const {
+    vec_t sum = data_[0] * load_vector(x);
+    MSDA_CPU_UNROLL
+    for (int64_t v = 1; v < kVectors; ++v) {
+      sum += data_[v] * load_vector(x + v * kLanes);
+    }
+    scalar_t total = 0;
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      total += sum[lane];
+    }
+    return total;
+  }
+
+ private:
+  MSDA_CPU_INLINE static vec_t load_vector(const scalar_t* x) {
+    return *reinterpret_cast<const unaligned_vec_t*>(x);
+  }
+  vec_t data_[kVectors];
+};
+#endif
 
 // Output rows [begin, end) of the (n, query, head) items.
 template <typename scalar_t, int64_t kChannels>
-inline void forward_items(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
+MSDA_CPU_INLINE void forward_items(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
                           const scalar_t* weights, scalar_t* output, const MsdaSizes& sz, int64_t begin,
                           int64_t end) {
-  const Channels<scalar_t, kChannels> channels{sz.channels};
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
-  constexpr int64_t kBuffer = kChannels > 0 ? kChannels : 1;
-  scalar_t fixed_accumulator[kBuffer];
-  std::vector<scalar_t> dynamic_accumulator(kChannels > 0 ? 0 : sz.channels);
-  scalar_t* accumulator = kChannels > 0 ? fixed_accumulator : dynamic_accumulator.data();
+  ChannelRow<scalar_t, kChannels> accumulator(sz.channels);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t head = item % sz.heads;
     const int64_t batch = item / (sz.queries * sz.heads);
     const scalar_t* value_nm = value + batch * sz.positions * stride + head * sz.channels;
     const scalar_t* location = locations + item * samples * 2;
     const scalar_t* weight = weights + item * samples;
-    for (int64_t i = 0; i < channels.count(); ++i) {
-      accumulator[i] = 0;
-    }
+    accumulator.zero();
     for (int64_t level = 0; level < sz.levels; ++level) {
       const int64_t height = levels.height[level];
       const int64_t width = levels.width[level];
@@ -126,31 +199,31 @@ inline void forward_items(const scalar_t* value, const LevelTable& levels, const
         }
         for (int corner = 0; corner < 4; ++corner) {
           if (point.index[corner] >= 0) {
-            axpy(accumulator, value_level + point.index[corner] * stride, *weight * point.weight[corner], channels);
+            accumulator.add_scaled(value_level + point.index[corner] * stride, *weight * point.weight[corner]);
           }
         }
       }
     }
-    std::copy(accumulator, accumulator + channels.count(), output + item * sz.channels);
+    accumulator.store(output + item * sz.channels);
   }
 }
 
 // All queries of the (n, head) tasks [begin, end).
 template <typename scalar_t, int64_t kChannels>
-inline void backward_tasks(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
+MSDA_CPU_INLINE void backward_tasks(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
                            const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
                            scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz, int64_t begin,
                            int64_t end) {
-  const Channels<scalar_t, kChannels> channels{sz.channels};
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
+  ChannelRow<scalar_t, kChannels> grad_out(sz.channels);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t head = task % sz.heads;
     const int64_t batch = task / sz.heads;
     const int64_t value_offset = batch * sz.positions * stride + head * sz.channels;
     for (int64_t query = 0; query < sz.queries; ++query) {
       const int64_t item = (batch * sz.queries + query) * sz.heads + head;
-      const scalar_t* grad_out = grad_output + item * sz.channels;
+      grad_out.load(grad_output + item * sz.channels);
       const scalar_t* location = locations + item * samples * 2;
       const scalar_t* weight = weights + item * samples;
       scalar_t* grad_location = grad_locations + item * samples * 2;
@@ -169,8 +242,8 @@ inline void backward_tasks(const scalar_t* value, const LevelTable& levels, cons
           for (int corner = 0; corner < 4; ++corner) {
             if (point.index[corner] >= 0) {
               const int64_t offset = level_offset + point.index[corner] * stride;
-              corner_dot[corner] = dot(grad_out, value + offset, channels);
-              axpy(grad_value + offset, grad_out, *weight * point.weight[corner], channels);
+              corner_dot[corner] = grad_out.dot(value + offset);
+              grad_out.scaled_add_to(grad_value + offset, *weight * point.weight[corner]);
             }
           }
           bilinear_point_backward(point, corner_dot, *weight, height, width, *grad_weight, grad_location[0],
@@ -184,6 +257,7 @@ inline void backward_tasks(const scalar_t* value, const LevelTable& levels, cons
 // Non-template entry points carry the multiversioning attribute; the channel count is dispatched inside.
 #define MSDA_DISPATCH_CHANNELS(CHANNELS, FUNCTION, SCALAR, ...) \
   switch (CHANNELS) {                                          \
+    case 8: FUNCTION<SCALAR, 8>(__VA_ARGS__); break;           \
     case 16: FUNCTION<SCALAR, 16>(__VA_ARGS__); break;         \
     case 32: FUNCTION<SCALAR, 32>(__VA_ARGS__); break;         \
     case 64: FUNCTION<SCALAR, 64>(__VA_ARGS__); break;         \

@@ -12,6 +12,9 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MSDA_HOST_DEVICE __host__ __device__ __forceinline__
 #define MSDA_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MSDA_HOST_DEVICE inline __attribute__((always_inline))
+#define MSDA_UNROLL
 #else
 #define MSDA_HOST_DEVICE inline
 #define MSDA_UNROLL
