@@ -269,17 +269,24 @@ print(json.dumps({
 """
 
 
-def test_disabled_extension_falls_back_with_one_warning():
-    env = {**os.environ, "DAT_SMT_DISABLE_EXTENSION": "1", "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize(
+    "env_update, reason",
+    [
+        ({"DAT_SMT_DISABLE_EXTENSION": "1"}, "DAT_SMT_DISABLE_EXTENSION"),
+        ({"CXX": "no-such-compiler"}, "no C++ compiler"),
+    ],
+    ids=["disabled", "no_compiler"],
+)
+def test_unavailable_extension_falls_back_with_one_warning(env_update, reason):
+    env = {**os.environ, **env_update, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report["warnings"]) == 1
-    assert "DAT_SMT_DISABLE_EXTENSION" in report["warnings"][0] and "reference" in report["warnings"][0]
+    assert reason in report["warnings"][0] and "reference" in report["warnings"][0]
     assert report["equal"]
-    assert report["cpp_error"] is not None and "backend='cpp'" in report["cpp_error"]
-    assert "DAT_SMT_DISABLE_EXTENSION" in report["cpp_error"]
+    assert report["cpp_error"] is not None and "backend='cpp'" in report["cpp_error"] and reason in report["cpp_error"]
 
 
 def _module_inputs(batch=2, queries=5, d_model=32, boxes=False, seed=0):

@@ -34,7 +34,23 @@ def _build() -> dict:
         return {"cpu": False, "cuda": False, "reason": f"no C++ compiler ({compiler!r} not found on PATH)"}
     if not cpp_extension.is_ninja_available():
         return {"cpu": False, "cuda": False, "reason": "ninja is not installed (pip install ninja)"}
-    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    cuda_reason = "CUDA is not available at runtime"
+    if torch.cuda.is_available():
+        if cpp_extension.CUDA_HOME is None:
+            cuda_reason = "CUDA is available but no CUDA toolkit (nvcc) was found"
+        else:
+            error = _compile(cpp_extension, with_cuda=True)
+            if error is None:
+                return {"cpu": True, "cuda": True, "reason": None}
+            cuda_reason = f"CUDA build failed: {error}"
+    error = _compile(cpp_extension, with_cuda=False)
+    if error is not None:
+        return {"cpu": False, "cuda": False, "reason": f"build failed: {error}"}
+    return {"cpu": True, "cuda": False, "reason": cuda_reason}
+
+
+def _compile(cpp_extension, with_cuda: bool) -> str | None:
+    """Builds (or finds in the cache) and loads one flavour of the extension; returns an error or None."""
     sources = [CSRC_DIR / "ms_deform_attn_binding.cpp", CSRC_DIR / "ms_deform_attn_cpu.cpp"]
     if with_cuda:
         sources.append(CSRC_DIR / "ms_deform_attn_cuda.cu")
@@ -51,9 +67,9 @@ def _build() -> dict:
             verbose=os.environ.get("DAT_SMT_VERBOSE_BUILD", "0") == "1",
         )
     except Exception as error:  # noqa: BLE001 - any build/load failure means "fall back", with the reason kept
-        message = str(error).strip().splitlines()
-        return {"cpu": False, "cuda": False, "reason": f"build failed: {message[-1] if message else type(error)}"}
-    return {"cpu": True, "cuda": with_cuda, "reason": None if with_cuda else "built without CUDA"}
+        lines = str(error).strip().splitlines()
+        return lines[-1] if lines else type(error).__name__
+    return None
 
 
 def load_extension() -> dict:

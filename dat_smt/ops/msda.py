@@ -123,7 +123,7 @@ def _warn_fallback(reason: str) -> None:
             f"dat_smt: the multi-scale deformable attention extension is unavailable ({reason}); "
             "using the much slower pure PyTorch 'reference' backend",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
