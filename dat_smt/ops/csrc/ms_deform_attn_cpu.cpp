@@ -5,9 +5,9 @@
 // points outside it are skipped before any channel work.
 //
 // Forward: parallel over (n, query, head); each item owns its D outputs.
-// Backward: parallel over (n, head); each task walks all queries in a fixed order and owns grad_value[n, :, m, :]
-// as well as grad_sampling_locations / grad_attention_weights of its (n, *, m) entries, so there are no atomics
-// and the result is bit-identical run to run whatever the thread count.
+// Backward: parallel over (n, head) ranges; a range owns grad_value[n, :, m, :] of its heads as well as the
+// location / weight gradients of its (n, *, m) entries and walks the queries in a fixed order, so there are no
+// atomics and the result is bit-identical run to run whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +16,10 @@
 #include <type_traits>
 #include <tuple>
 #include <vector>
+
+#if defined(_MSC_VER)
+#define __restrict__ __restrict
+#endif
 
 #include "ms_deform_attn.h"
 #include "ms_deform_sampling.h"
@@ -176,8 +180,8 @@ class ChannelRow<scalar_t, kChannels,
 // Output rows [begin, end) of the (n, query, head) items.
 template <typename scalar_t, int64_t kChannels>
 MSDA_CPU_INLINE void forward_items(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
-                          const scalar_t* weights, scalar_t* output, const MsdaSizes& sz, int64_t begin,
-                          int64_t end) {
+                                   const scalar_t* weights, scalar_t* output, const MsdaSizes& sz, int64_t begin,
+                                   int64_t end) {
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
   ChannelRow<scalar_t, kChannels> accumulator(sz.channels);
@@ -211,43 +215,50 @@ MSDA_CPU_INLINE void forward_items(const scalar_t* value, const LevelTable& leve
 // All queries of the (n, head) tasks [begin, end).
 template <typename scalar_t, int64_t kChannels>
 MSDA_CPU_INLINE void backward_tasks(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
-                           const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
-                           scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz, int64_t begin,
-                           int64_t end) {
+                                    const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
+                                    scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz,
+                                    int64_t begin, int64_t end) {
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
   ChannelRow<scalar_t, kChannels> grad_out(sz.channels);
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t head = task % sz.heads;
-    const int64_t batch = task / sz.heads;
-    const int64_t value_offset = batch * sz.positions * stride + head * sz.channels;
+  // [begin, end) is a range of flattened (n, head) tasks; per batch, walk the queries once and visit this range's
+  // heads of each query (better locality than one pass per head). Every grad_value element still receives its
+  // contributions in query order, whatever the split, so results do not depend on the thread count.
+  for (int64_t batch_head = begin; batch_head < end;) {
+    const int64_t batch = batch_head / sz.heads;
+    const int64_t head_begin = batch_head % sz.heads;
+    const int64_t head_end = std::min(sz.heads, head_begin + (end - batch_head));
+    batch_head += head_end - head_begin;
     for (int64_t query = 0; query < sz.queries; ++query) {
-      const int64_t item = (batch * sz.queries + query) * sz.heads + head;
-      grad_out.load(grad_output + item * sz.channels);
-      const scalar_t* location = locations + item * samples * 2;
-      const scalar_t* weight = weights + item * samples;
-      scalar_t* grad_location = grad_locations + item * samples * 2;
-      scalar_t* grad_weight = grad_weights + item * samples;
-      for (int64_t level = 0; level < sz.levels; ++level) {
-        const int64_t height = levels.height[level];
-        const int64_t width = levels.width[level];
-        const int64_t level_offset = value_offset + levels.start[level] * stride;
-        for (int64_t point_id = 0; point_id < sz.points;
-             ++point_id, location += 2, grad_location += 2, ++weight, ++grad_weight) {
-          BilinearPoint<scalar_t> point;
-          if (!bilinear_point(location[0], location[1], height, width, point)) {
-            continue;  // gradients stay zero
-          }
-          scalar_t corner_dot[4] = {0, 0, 0, 0};
-          for (int corner = 0; corner < 4; ++corner) {
-            if (point.index[corner] >= 0) {
-              const int64_t offset = level_offset + point.index[corner] * stride;
-              corner_dot[corner] = grad_out.dot(value + offset);
-              grad_out.scaled_add_to(grad_value + offset, *weight * point.weight[corner]);
+      for (int64_t head = head_begin; head < head_end; ++head) {
+        const int64_t value_offset = batch * sz.positions * stride + head * sz.channels;
+        const int64_t item = (batch * sz.queries + query) * sz.heads + head;
+        grad_out.load(grad_output + item * sz.channels);
+        const scalar_t* location = locations + item * samples * 2;
+        const scalar_t* weight = weights + item * samples;
+        scalar_t* grad_location = grad_locations + item * samples * 2;
+        scalar_t* grad_weight = grad_weights + item * samples;
+        for (int64_t level = 0; level < sz.levels; ++level) {
+          const int64_t height = levels.height[level];
+          const int64_t width = levels.width[level];
+          const int64_t level_offset = value_offset + levels.start[level] * stride;
+          for (int64_t point_id = 0; point_id < sz.points;
+               ++point_id, location += 2, grad_location += 2, ++weight, ++grad_weight) {
+            BilinearPoint<scalar_t> point;
+            if (!bilinear_point(location[0], location[1], height, width, point)) {
+              continue;  // gradients stay zero
             }
+            scalar_t corner_dot[4] = {0, 0, 0, 0};
+            for (int corner = 0; corner < 4; ++corner) {
+              if (point.index[corner] >= 0) {
+                const int64_t offset = level_offset + point.index[corner] * stride;
+                corner_dot[corner] = grad_out.dot(value + offset);
+                grad_out.scaled_add_to(grad_value + offset, *weight * point.weight[corner]);
+              }
+            }
+            bilinear_point_backward(point, corner_dot, *weight, height, width, *grad_weight, grad_location[0],
+                                    grad_location[1]);
           }
-          bilinear_point_backward(point, corner_dot, *weight, height, width, *grad_weight, grad_location[0],
-                                  grad_location[1]);
         }
       }
     }

@@ -136,8 +136,10 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value, const int64_
   }
 }
 
-int64_t num_blocks(int64_t items) {
-  return (items * kWarp + kThreads - 1) / kThreads;
+unsigned int num_blocks(int64_t items) {
+  const int64_t blocks = (items * kWarp + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= 0x7fffffff, "MSDA: too many (n, query, head) items for one launch: ", items);
+  return static_cast<unsigned int>(blocks);
 }
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
