@@ -132,6 +132,12 @@ def test_cpp_matches_reference_float32(extension, channels):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_custom_op_registration_passes_opcheck(extension):
+    inputs = make_problem([(4, 5), (2, 3)], 2, 2, 8, 3, 2, -0.1, 1.1, seed=4)
+    args = tuple(inputs[name].requires_grad_(name in GRAD_NAMES) for name in ARG_NAMES)
+    torch.library.opcheck(torch.ops.dat_smt.ms_deform_attn.default, args)
+
+
 def test_cpp_gradcheck(extension):
     generator = torch.Generator().manual_seed(7)
     inputs = make_problem([(4, 5), (3, 2)], 2, 2, 3, 3, 2, seed=7)

@@ -56,6 +56,12 @@ def ms_deform_attn_reference(
     return output.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
+def _require_kernels(device_type: str) -> None:
+    status = load_extension()
+    if not status.get(device_type, False):
+        raise RuntimeError(f"the MSDA extension has no {device_type} kernels: {status['reason']}")
+
+
 @torch.library.custom_op("dat_smt::ms_deform_attn", mutates_args=())
 def _ms_deform_attn_op(
         value: torch.Tensor,
@@ -64,7 +70,7 @@ def _ms_deform_attn_op(
         sampling_locations: torch.Tensor,
         attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    load_extension()
+    _require_kernels(value.device.type)
     return torch.ops.dat_smt_ext.ms_deform_attn_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -85,7 +91,7 @@ def _ms_deform_attn_backward_op(
         attention_weights: torch.Tensor,
         grad_output: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    load_extension()
+    _require_kernels(value.device.type)
     return torch.ops.dat_smt_ext.ms_deform_attn_backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
