@@ -2,10 +2,13 @@
 
 The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load``
 (ninja) into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
-where later processes find the cached library. Processes that build at the same time (DDP ranks) serialise on
-torch's lock file in the build directory: one compiles, the others wait and then load the result.
-The CUDA kernels are compiled only when CUDA is usable at runtime; otherwise the build is CPU-only.
-Set ``DAT_SMT_DISABLE_EXTENSION=1`` to never build or load it.
+where later processes find the cached library. The first CPU build takes about 20 s on an idle 2-core machine;
+a cached load costs a fraction of a second (torch re-checks the sources with ninja). Processes that build at the
+same time (DDP ranks) serialise on torch's lock (an OS advisory lock on ``<build dir>/lock``): one compiles, the
+others wait and then load the result. The CUDA kernels are compiled only when CUDA is usable at runtime; otherwise
+the build is CPU-only, and a failed CUDA build falls back to a CPU-only build.
+Set ``DAT_SMT_DISABLE_EXTENSION=1`` to never build or load it, ``DAT_SMT_VERBOSE_BUILD=1`` to see the compiler
+commands.
 """
 import os
 import shutil
