@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <tuple>
 #include <vector>
@@ -299,8 +300,15 @@ void forward_kernel(const scalar_t* value, const LevelTable& levels, const scala
                     const scalar_t* weights, scalar_t* output, const MsdaSizes& sz) {
   const int64_t items = sz.batch * sz.queries * sz.heads;
   const int64_t work_per_item = std::max<int64_t>(1, sz.levels * sz.points * sz.channels);
-  at::parallel_for(0, items, std::max<int64_t>(1, 16384 / work_per_item), [&](int64_t begin, int64_t end) {
-    forward_range(value, levels, locations, weights, output, sz, begin, end);
+  const int64_t chunk = std::max<int64_t>(1, 65536 / work_per_item);
+  // Threads take small chunks from a shared counter rather than one static slice each, so a thread that loses its
+  // core (shared machines) does not hold up the others. Items are independent: the split never changes results.
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t chunks = (items + chunk - 1) / chunk;
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t index = next_chunk.fetch_add(1); index < chunks; index = next_chunk.fetch_add(1)) {
+      forward_range(value, levels, locations, weights, output, sz, index * chunk, std::min(items, (index + 1) * chunk));
+    }
   });
 }
 
