@@ -295,20 +295,28 @@ MSDA_CPU_INLINE void backward_tasks(const scalar_t* value, const LevelTable& lev
 MSDA_DEFINE_ENTRY_POINTS(float)
 MSDA_DEFINE_ENTRY_POINTS(double)
 
+// Runs fn(begin, end) over [0, count) in chunks that the threads take from a shared counter rather than one static
+// slice each, so a thread that loses its core (shared machines) does not hold up the others. Callers only use
+// it where the split cannot change results.
+template <typename Function>
+void parallel_chunks(int64_t count, int64_t chunk, const Function& fn) {
+  const int64_t chunks = (count + chunk - 1) / chunk;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t index = next_chunk.fetch_add(1); index < chunks; index = next_chunk.fetch_add(1)) {
+      fn(index * chunk, std::min(count, (index + 1) * chunk));
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
                     const scalar_t* weights, scalar_t* output, const MsdaSizes& sz) {
   const int64_t items = sz.batch * sz.queries * sz.heads;
   const int64_t work_per_item = std::max<int64_t>(1, sz.levels * sz.points * sz.channels);
-  const int64_t chunk = std::max<int64_t>(1, 65536 / work_per_item);
-  // Threads take small chunks from a shared counter rather than one static slice each, so a thread that loses its
-  // core (shared machines) does not hold up the others. Items are independent: the split never changes results.
-  std::atomic<int64_t> next_chunk{0};
-  const int64_t chunks = (items + chunk - 1) / chunk;
-  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t index = next_chunk.fetch_add(1); index < chunks; index = next_chunk.fetch_add(1)) {
-      forward_range(value, levels, locations, weights, output, sz, index * chunk, std::min(items, (index + 1) * chunk));
-    }
+  // Items are independent, so the split never changes results.
+  parallel_chunks(items, std::max<int64_t>(1, 65536 / work_per_item), [&](int64_t begin, int64_t end) {
+    forward_range(value, levels, locations, weights, output, sz, begin, end);
   });
 }
 
@@ -316,7 +324,11 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
                      const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
                      scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz) {
-  at::parallel_for(0, sz.batch * sz.heads, 1, [&](int64_t begin, int64_t end) {
+  // Chunks of a few (n, head) tasks: each grad_value element belongs to one task and receives its contributions
+  // in query order, so neither the chunking nor the thread that runs a chunk changes the result.
+  const int64_t tasks = sz.batch * sz.heads;
+  const int64_t chunk = std::max<int64_t>(1, tasks / (2 * std::max(1, at::get_num_threads())));
+  parallel_chunks(tasks, chunk, [&](int64_t begin, int64_t end) {
     backward_range(value, levels, locations, weights, grad_output, grad_value, grad_locations, grad_weights, sz,
                    begin, end);
   });
