@@ -1,13 +1,13 @@
 // CPU kernels of multi-scale deformable attention.
 //
 // value is (N, S, M, D): the D channels of one head at one position are contiguous, so every bilinear corner is
-// an axpy / dot product over D contiguous elements, which the compiler vectorises. Corners outside the map and
-// points outside it are skipped before any channel work.
+// an axpy / dot product over D contiguous elements held in vector registers. Corners outside the map and points
+// outside it are skipped before any channel work. float16/bfloat16 inputs are computed in float32.
 //
-// Forward: parallel over (n, query, head); each item owns its D outputs.
-// Backward: parallel over (n, head) ranges; a range owns grad_value[n, :, m, :] of its heads as well as the
-// location / weight gradients of its (n, *, m) entries and walks the queries in a fixed order, so there are no
-// atomics and the result is bit-identical run to run whatever the thread count.
+// Forward: parallel over (n, query, head) items; each item owns its D outputs.
+// Backward: parallel over (n, head) tasks; a task owns grad_value[n, :, m, :] as well as the location / weight
+// gradients of its (n, *, m) entries and walks the queries in a fixed order, so there are no atomics and the
+// result is bit-identical run to run whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
