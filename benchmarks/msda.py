@@ -9,9 +9,10 @@ Attention weights are a softmax over the L * P samples of each (query, head).
 
 Times are medians over repeats after one warm-up call. Memory is the peak resident-set growth of the process
 during one forward call, read from Linux ``/proc/self/status`` (VmHWM after resetting it through
-``/proc/self/clear_refs``). glibc is told to serve every allocation above 64 KiB with mmap (fixed threshold), so
-freed tensors leave the resident set and consecutive measurements are independent. The machine may be shared,
-so absolute times are noisy; the ratios are measured in one process.
+``/proc/self/clear_refs``), after all timings: glibc is then told to serve every allocation above 64 KiB with mmap
+(fixed threshold) and to return its free heap pages (malloc_trim) before each measurement, so the growth counts the
+memory the call really touches. The machine may be shared, so absolute times are noisy; the ratios are measured in
+one process.
 
     python benchmarks/msda.py [--threads 2] [--repeats 5]
 """
@@ -88,6 +89,7 @@ def peak_rss_growth_mib(fn: Callable[[], None]) -> float | None:
     status = Path("/proc/self/status")
     try:
         gc.collect()
+        release_free_heap_pages()
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_kib(status, "VmRSS")
         fn()
@@ -103,11 +105,15 @@ def _status_kib(status: Path, key: str) -> int:
     raise OSError(f"{key} missing from {status}")
 
 
-def measure(inputs: Dict[str, torch.Tensor], backend: str, repeats: int) -> Dict[str, float | None]:
+def forward_call(inputs: Dict[str, torch.Tensor], backend: str) -> Callable[[], None]:
     def forward() -> None:
         with torch.no_grad():
             multi_scale_deformable_attention(**inputs, backend=backend)
 
+    return forward
+
+
+def measure_times(inputs: Dict[str, torch.Tensor], backend: str, repeats: int) -> Dict[str, float | None]:
     leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     grad_output = torch.randn(1, inputs["sampling_locations"].shape[1], HEADS * CHANNELS)
 
@@ -118,21 +124,28 @@ def measure(inputs: Dict[str, torch.Tensor], backend: str, repeats: int) -> Dict
             tensor.grad = None
 
     return {
-        "fwd_s": median_time(forward, repeats),
+        "fwd_s": median_time(forward_call(inputs, backend), repeats),
         "fwdbwd_s": median_time(forward_backward, repeats),
-        "fwd_peak_mib": peak_rss_growth_mib(forward),
     }
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name is not None else None
 
 
 def serve_large_allocations_with_mmap() -> None:
     """Fixes glibc's mmap threshold (64 KiB) so freed tensors are unmapped instead of kept in the heap."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    libc = ctypes.CDLL(libc_name)
-    if hasattr(libc, "mallopt"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         m_mmap_threshold = -3
         libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
+def release_free_heap_pages() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def main() -> None:
@@ -141,13 +154,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    cases = {"encoder": make_inputs(None), "decoder": make_inputs(DECODER_QUERIES)}
+    backends = ("cpp", "reference")
+    # Times first, with the default allocator; then memory, with every large allocation served by mmap.
+    all_results = {
+        case: {backend: measure_times(inputs, backend, args.repeats) for backend in backends}
+        for case, inputs in cases.items()
+    }
     serve_large_allocations_with_mmap()
+    for case, inputs in cases.items():
+        for backend in backends:
+            all_results[case][backend]["fwd_peak_mib"] = peak_rss_growth_mib(forward_call(inputs, backend))
 
     summary: Dict[str, float] = {}
     print(f"{'case':<8} {'backend':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd peak MiB':>13}")
-    for case, num_queries in (("encoder", None), ("decoder", DECODER_QUERIES)):
-        inputs = make_inputs(num_queries)
-        results = {backend: measure(inputs, backend, args.repeats) for backend in ("cpp", "reference")}
+    for case, results in all_results.items():
         for backend, result in results.items():
             peak = result["fwd_peak_mib"]
             print(
