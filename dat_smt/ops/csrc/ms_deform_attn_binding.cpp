@@ -1,0 +1,12 @@
+// Schemas of the extension operators; the CPU and CUDA files register their kernels for them. The public,
+// autograd-aware operator dat_smt::ms_deform_attn is defined in Python on top of these.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dat_smt_ext, m) {
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) -> (Tensor, Tensor, Tensor)");
+}
