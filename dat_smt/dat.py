@@ -382,7 +382,7 @@ class DAT(nn.Module):
             downsample = None
             if i > 0:
                 downsample = nn.Sequential(
-                    nn.Conv2d(dims[i - 1], dims[i], down_kernel, 2, down_kernel // 2, bias=False),
+                    nn.Conv2d(dims[i - 1], dims[i], down_kernel, 2, (down_kernel - 1) // 2, bias=False),
                     LayerNorm2d(dims[i], eps=1e-5),
                 )
             stages.append(DatStage(downsample, blocks))
