@@ -120,7 +120,8 @@ def neighborhood_attention_2d(
     bias_index = rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]
     valid = valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :]  # (nbh, nbw, th, tw, kh, kw)
     bias = rpb.flatten(1)[:, bias_index.reshape(-1)].reshape(heads, nbh * nbw, th * tw, kh * kw)
-    bias = bias.masked_fill(~valid.reshape(1, nbh * nbw, th * tw, kh * kw), float("-inf"))
+    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
+    bias = bias.masked_fill(~valid.reshape(1, nbh * nbw, th * tw, kh * kw), torch.finfo(bias.dtype).min / 2)
     out = F.scaled_dot_product_attention(
         blocks(q, rows_q, cols_q), blocks(k, rows_k, cols_k), blocks(v, rows_k, cols_k),
         attn_mask=bias.reshape(heads * nbh * nbw, th * tw, kh * kw), scale=1.0,
