@@ -1,6 +1,7 @@
 """CPU throughput of the dat-smt backbones against timm baselines of similar cost, measured in one process.
 
-224x224, batch 8, 2 threads, ``torch.inference_mode``; warm-up, then forwards of all models interleaved, median.
+224x224, batch 8, 2 threads, ``torch.inference_mode``, channels-last weights and input for every model;
+warm-up, then forwards of all models interleaved, median.
 Prints a table, then (last) one JSON line with images/s per model and the ratio model / baseline per pair.
 """
 import argparse
@@ -33,11 +34,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW-contiguous weights and input")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = list(dict.fromkeys(name for pair in PAIRS for name in pair))
-    models = {name: timm.create_model(name).eval() for name in names}
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
+    models = {name: timm.create_model(name).eval().to(memory_format=memory_format) for name in names}
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=memory_format)
     times: Dict[str, List[float]] = {name: [] for name in names}
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -54,7 +57,7 @@ def main() -> None:
     for pair, ratio in ratios.items():
         print(f"{pair:<48} {ratio:>6.2f}x")
     print(json.dumps({"images_per_s": speed, "ratios": ratios, "batch": args.batch, "size": args.size,
-                      "threads": args.threads}))
+                      "threads": args.threads, "channels_last": not args.no_channels_last}))
 
 
 if __name__ == "__main__":
