@@ -96,7 +96,7 @@ def _block_layout(length: int, kernel_size: int, block: int, device: torch.devic
 
 
 def neighborhood_attention_2d(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 8
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 7
 ) -> torch.Tensor:
     """Blocked neighborhood attention; same arguments and result as :func:`neighborhood_attention_2d_reference`.
 
