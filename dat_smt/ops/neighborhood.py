@@ -7,6 +7,7 @@ is the key position minus the query position. The semantics are those of natten 
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
 
@@ -74,8 +75,56 @@ def neighborhood_attention_2d_reference(
     return out.reshape(batch, heads, height, width, head_dim)
 
 
+def _block_layout(length: int, kernel_size: int, block: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Per axis: query rows of each block, the key halo rows they need, the bias index and validity of each
+    (query, halo key) pair, and for every row its block and offset inside the block."""
+    block = min(block, length)
+    halo = min(block + kernel_size - 1, length)
+    num_blocks = -(-length // block)
+    starts = (torch.arange(num_blocks, device=device) * block).clamp(max=length - block)
+    query_rows = starts[:, None] + torch.arange(block, device=device)  # (nb, T)
+    halo_starts = (starts - kernel_size // 2).clamp(0, length - halo)
+    halo_rows = halo_starts[:, None] + torch.arange(halo, device=device)  # (nb, K)
+    window_starts = _window_starts(length, kernel_size, device)[query_rows]  # (nb, T)
+    offset = halo_rows[:, None, :] - window_starts[:, :, None]
+    valid = (offset >= 0) & (offset < kernel_size)  # (nb, T, K)
+    rel = (halo_rows[:, None, :] - query_rows[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+    positions = torch.arange(length, device=device)
+    row_block = (positions // block).clamp(max=num_blocks - 1)
+    row_offset = positions - starts[row_block]
+    return query_rows, halo_rows, rel, valid, row_block, row_offset
+
+
 def neighborhood_attention_2d(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 7
 ) -> torch.Tensor:
-    """Neighborhood attention; same arguments and result as :func:`neighborhood_attention_2d_reference`."""
-    return neighborhood_attention_2d_reference(q, k, v, rpb, kernel_size)
+    """Blocked neighborhood attention; same arguments and result as :func:`neighborhood_attention_2d_reference`.
+
+    The map is cut into ``block_size``-square query blocks; each block attends densely (one fused SDPA call for
+    all blocks) to the key halo that contains every neighborhood of its queries, with the relative position bias
+    and a -inf mask for halo keys outside a query's neighborhood.
+    """
+    _check_inputs(q, k, v, rpb, kernel_size)
+    batch, heads, height, width, head_dim = q.shape
+    rows_q, rows_k, rel_h, valid_h, block_h, offset_h = _block_layout(height, kernel_size, block_size, q.device)
+    cols_q, cols_k, rel_w, valid_w, block_w, offset_w = _block_layout(width, kernel_size, block_size, q.device)
+    nbh, th, kh = rel_h.shape
+    nbw, tw, kw = rel_w.shape
+
+    def blocks(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, rows[:, :, None, None], cols[None, None, :, :]]  # (B, h, nbh, r, nbw, c, hc)
+        x = x.permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(batch, heads * nbh * nbw, rows.shape[1] * cols.shape[1], head_dim)
+
+    span = 2 * kernel_size - 1
+    bias_index = rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]
+    valid = valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :]  # (nbh, nbw, th, tw, kh, kw)
+    bias = rpb.flatten(1)[:, bias_index.reshape(-1)].reshape(heads, nbh * nbw, th * tw, kh * kw)
+    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
+    bias = bias.masked_fill(~valid.reshape(1, nbh * nbw, th * tw, kh * kw), torch.finfo(bias.dtype).min / 2)
+    out = F.scaled_dot_product_attention(
+        blocks(q, rows_q, cols_q), blocks(k, rows_k, cols_k), blocks(v, rows_k, cols_k),
+        attn_mask=bias.reshape(heads * nbh * nbw, th * tw, kh * kw), scale=1.0,
+    )
+    out = out.reshape(batch, heads, nbh, nbw, th, tw, head_dim)
+    return out[:, :, block_h[:, None], block_w[None, :], offset_h[:, None], offset_w[None, :]]
