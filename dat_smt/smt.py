@@ -231,7 +231,8 @@ class SMT(nn.Module):
         self.grad_checkpointing = False
         self.feature_info = []
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total_depth = sum(depths)
+        dpr = [drop_path_rate * i / max(total_depth - 1, 1) for i in range(total_depth)]
         cursor = 0
         for i in range(self.num_stages):
             if i == 0:
