@@ -2,8 +2,8 @@
 
 Importing the package registers every model of the zoo with timm, so ``timm.create_model('dat_tiny')`` works.
 """
-from . import _checkpoint, ops  # noqa: F401  (_checkpoint allow-lists the official yacs configs)
-from . import smt  # noqa: F401  (registers the SMT models with timm)
+# _checkpoint allow-lists the official yacs configs; smt registers the SMT models with timm
+from . import _checkpoint, ops, smt  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["ops", "__version__"]

@@ -8,7 +8,7 @@ Parameter and buffer names follow the official classification checkpoints (``pat
 detection / segmentation spelling.
 """
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -293,7 +293,7 @@ class SMT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -322,7 +322,7 @@ class SMT(nn.Module):
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: Union[int, List[int]] | None = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = "NCHW",
@@ -429,7 +429,7 @@ def checkpoint_filter_fn(
             if index.min() < 0 or index.max() >= out["head.weight"].shape[0]:
                 raise ValueError(f"head_mapping indices must lie in [0, {out['head.weight'].shape[0]})")
             out["head.weight"], out["head.bias"] = out["head.weight"][index], out["head.bias"][index]
-        elif cfg_classes is not None and cfg_classes != model.num_classes and out["head.weight"].shape[0] == cfg_classes:
+        elif cfg_classes not in (None, model.num_classes) and out["head.weight"].shape[0] == cfg_classes:
             # timm's load_pretrained removes the classifier when num_classes differs from the pretrained cfg
             check_state_dict({**out, **{k: expected[k] for k in head_keys}}, model, "SMT checkpoint")
             return out

@@ -210,7 +210,8 @@ def test_in_chans_and_classifier(in_chans):
     out = model(torch.randn(2, in_chans, 64, 64))
     assert out.shape == (2, 5)
     out.sum().backward()
-    assert model.forward_head(model.forward_features(torch.randn(1, in_chans, 64, 64)), pre_logits=True).shape == (1, 512)
+    features = model.forward_features(torch.randn(1, in_chans, 64, 64))
+    assert model.forward_head(features, pre_logits=True).shape == (1, 512)
     model.reset_classifier(0, "")
     assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, 512, 2, 2)
 
