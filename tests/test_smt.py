@@ -252,3 +252,20 @@ def test_trace_and_grad_checkpointing():
     model.train().set_grad_checkpointing()
     model(x).sum().backward()
     assert model.block3[1].attn.q.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_export_matches_eager():
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.slow
+def test_compile_matches_eager():
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
