@@ -221,8 +221,9 @@ def test_timm_backbone_strides_channels_layout_and_masks(name):
     assert not masks[0][1, :6, :13].any() and masks[0][1, 6:].all() and masks[0][1, :, 13:].all()
 
 
-def test_timm_backbone_freezes_batchnorm_and_early_stages():
-    backbone = TimmBackbone("resnet18")
+@pytest.mark.parametrize("out_strides", [(8, 16, 32), (32,)])
+def test_timm_backbone_freezes_batchnorm_and_early_stages(out_strides):
+    backbone = TimmBackbone("resnet18", out_strides=out_strides)
     trainable = {n.split(".")[1] for n, p in backbone.named_parameters() if p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
