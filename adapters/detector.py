@@ -35,7 +35,8 @@ class DetrDetector(nn.Module):
         num_classes: Number of object classes (sigmoid logits; no background class).
         criterion: Losses used in training; ``criterion.weight_dict`` weights them.
         num_detections: Detections kept per image in eval mode.
-        size_divisibility: Padded batch sizes are multiples of it.
+        size_divisibility: Padded batch sizes are multiples of it (32 suits patch-based backbones; the official
+            Deformable DETR pads to the largest image only, i.e. 1: use that for bit-level parity with it).
         image_mean: Normalisation mean of [0, 1] RGB images.
         image_std: Normalisation std.
     """
