@@ -216,7 +216,7 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(160):
+    for _ in range(120):
         idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
         loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
         optimizer.zero_grad()
