@@ -1,8 +1,9 @@
 """End-to-end CPU timing of the DETR-family detectors: the MSDA ``cpp`` backend against the ``reference`` one.
 
 Every case builds one detector (random weights, official sizes) and times, in this process, batch-1 inference
-and one training step (forward, backward, AdamW step) with every ``MSDeformAttn`` set to ``cpp`` and then to the
-pure PyTorch ``reference``. Prints a table, then LAST one JSON line with the times and the reference / cpp ratios.
+and one training step (forward, backward, AdamW step) with every ``MSDeformAttn`` set to ``cpp`` and to the
+pure PyTorch ``reference``, alternating the backends within each repeat. Prints a table, then LAST one JSON
+line with the times and the reference / cpp ratios.
 
     python benchmarks/detectors.py                       # Deformable DETR (multi-scale, refine), 800 x 1216
     python benchmarks/detectors.py --size 512 768 --no-train
@@ -42,18 +43,15 @@ def cpp_backend_unavailable_reason() -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_case(case: Dict[str, Any], size, backends, repeats: int, warmup: int, train: bool) -> Dict[str, Any]:
+    """Median times of inference and of one training step per backend; backends alternate within every repeat
+    so that load from other processes on a shared machine hits all of them alike."""
     torch.manual_seed(0)
     model = create_detector(case["detector"], **case["options"])
     image = [torch.rand(3, *size)]
@@ -70,16 +68,20 @@ def bench_case(case: Dict[str, Any], size, backends, repeats: int, warmup: int, 
         loss.backward()
         optimizer.step()
 
+    modes = {"infer": infer, **({"train_step": train_step} if train else {})}
+    times: Dict[str, List[float]] = {f"{m}_{b}_s": [] for m in modes for b in backends}
+    for i in range(warmup + repeats):
+        for mode, fn in modes.items():
+            for backend in backends:
+                model.set_msda_backend(backend)
+                elapsed = _timed(fn)
+                if i >= warmup:
+                    times[f"{mode}_{backend}_s"].append(elapsed)
     row: Dict[str, Any] = {"case": case["case"], "size": list(size)}
-    for backend in backends:
-        model.set_msda_backend(backend)
-        row[f"infer_{backend}_s"] = _time(infer, repeats, warmup)
-        if train:
-            row[f"train_step_{backend}_s"] = _time(train_step, repeats, warmup)
+    row.update({k: statistics.median(v) for k, v in times.items()})
     if "cpp" in backends:
-        row["infer_speedup"] = row["infer_reference_s"] / row["infer_cpp_s"]
-        if train:
-            row["train_step_speedup"] = row["train_step_reference_s"] / row["train_step_cpp_s"]
+        for mode in modes:
+            row[f"{mode}_speedup"] = row[f"{mode}_reference_s"] / row[f"{mode}_cpp_s"]
     return row
 
 
