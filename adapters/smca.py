@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from dat_smt._checkpoint import check_state_dict
 
-__all__ = ["DYNAMIC_SCALES", "SMCAHead", "SMCATransformer", "convert_smca_checkpoint", "gaussian_log_prior"]
+from .backbone import TimmBackbone
+from .criterion import SetCriterion, deformable_detr_weight_dict
+from .detector import DetrDetector
+from .matcher import HungarianMatcher
+from .position_encoding import PositionEmbeddingSine
+from .registry import register_detector
+
+__all__ = ["DYNAMIC_SCALES", "SMCADETR", "SMCAHead", "SMCATransformer", "convert_smca_checkpoint", "gaussian_log_prior"]
 
 DYNAMIC_SCALES = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}
 """Number of learned scale terms per head for each ``dynamic_scale`` variant."""
@@ -360,3 +367,73 @@ def convert_smca_checkpoint(
                 backbone_state[key] = torch.zeros_like(value)
         check_state_dict(backbone_state, backbone, "SMCA checkpoint (backbone.0.body)")
     return head_state, backbone_state
+
+
+class SMCADETR(DetrDetector):
+    """Single-scale SMCA-DETR on the last (deepest) map of a timm backbone, with the torchvision API.
+
+    The stride comes from the backbone's ``feature_info``. DETR sine position embeddings (no -0.5 offset);
+    the unpadded image size of every image is read from the padding mask. The official class head has
+    ``num_classes + 1`` outputs trained with a sigmoid focal loss (the extra column is never positive); it is
+    kept for checkpoint compatibility and dropped before the loss and post-processing. Losses and matching
+    follow the official config: focal (alpha 0.25, gamma 2) weight 2, L1 5, GIoU 2, on every decoder layer.
+
+    Args:
+        backbone: A :class:`TimmBackbone` returning one map.
+        num_classes: Object classes.
+        num_queries: Object queries (official recipe 300).
+        num_detections: Detections kept per image in eval mode.
+        **transformer_kwargs: :class:`SMCATransformer` arguments (``d_model``, ``num_heads``, ``dynamic_scale``,
+            ``beta``, layer counts, ...); ``stride`` is taken from the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: TimmBackbone,
+        num_classes: int,
+        num_queries: int = 300,
+        num_detections: int = 100,
+        **transformer_kwargs,
+    ) -> None:
+        num_decoder_layers = transformer_kwargs.get("num_decoder_layers", 6)
+        criterion = SetCriterion(num_classes, HungarianMatcher(), deformable_detr_weight_dict(num_decoder_layers))
+        super().__init__(backbone, num_classes, criterion, num_detections=num_detections)
+        if "stride" in transformer_kwargs:
+            raise ValueError("stride is derived from the backbone's feature_info; do not pass it")
+        self.head = SMCAHead(
+            backbone.channels[-1], num_classes, num_queries, stride=backbone.strides[-1], **transformer_kwargs
+        )
+        self.position_embedding = PositionEmbeddingSine(self.head.transformer.d_model // 2, normalize=True)
+
+    def forward_detr(self, images: Tensor, mask: Tensor) -> Dict[str, object]:
+        maps, masks = self.backbone(images, mask)
+        feature, feature_mask = maps[-1], masks[-1]
+        pos = self.position_embedding(feature_mask).to(feature.dtype)
+        image_sizes_hw = torch.stack([(~mask[:, :, 0]).sum(-1), (~mask[:, 0, :]).sum(-1)], -1)
+        out = self.head(feature, feature_mask, pos, image_sizes_hw)
+        logits = out["pred_logits"][..., : self.num_classes]
+        boxes = out["pred_boxes"]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+
+
+@register_detector("smca")
+def smca(
+    backbone: str | nn.Module = "resnet50",
+    num_classes: int = 91,
+    pretrained_backbone: bool = False,
+    backbone_kwargs: Dict[str, object] | None = None,
+    multi_scale: bool = False,
+    **options: object,
+) -> SMCADETR:
+    """SMCA-DETR; ``options`` are :class:`SMCADETR` arguments (``num_queries``, ``dynamic_scale``, ``d_model``...)."""
+    if multi_scale:
+        raise NotImplementedError("multi-scale SMCA (multi_scale=True) is not implemented yet; use multi_scale=False")
+    if isinstance(backbone, TimmBackbone):
+        body = backbone
+    else:
+        kwargs = dict(backbone_kwargs or {})
+        out_strides = kwargs.pop("out_strides", (32,))
+        extra = {"pretrained": pretrained_backbone} if isinstance(backbone, str) else {}
+        body = TimmBackbone(backbone, out_strides=out_strides, **extra, **kwargs)
+    return SMCADETR(body, num_classes, **options)
