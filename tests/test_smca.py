@@ -156,3 +156,53 @@ def test_single_scale_head_backward_and_custom_dims():
     assert head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="dynamic_scale"):
         SMCAHead(12, num_classes=3, dynamic_scale="type5")
+
+
+TINY = dict(num_queries=6, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32)
+
+
+def _smca_forward_backward(backbone, **options):
+    timm = pytest.importorskip("timm")
+    from dat_smt.adapters import create_detector
+
+    if not timm.is_model(backbone):
+        pytest.skip(f"{backbone} is not registered with timm in this build")
+    torch.manual_seed(0)
+    model = create_detector("smca", backbone=backbone, num_classes=3, **TINY, **options)
+    images = [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]
+    targets = [
+        {"boxes": torch.tensor([[5.0, 8.0, 40.0, 60.0], [50.0, 10.0, 80.0, 30.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    losses = model.train()(images, targets)
+    assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou") for s in ("", "_0")}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
+    assert model.head.input_proj.weight.grad is not None
+    detections = model.eval()(images)
+    assert [d["boxes"].shape for d in detections] == [(18, 4), (18, 4)]
+    assert (detections[1]["boxes"][:, 2] <= 61).all() and (detections[1]["boxes"][:, 3] <= 83).all()
+    return model
+
+
+def test_detector_uses_backbone_stride_and_unpadded_sizes():
+    model = _smca_forward_backward("resnet18")
+    assert model.head.transformer.stride == 32
+    model16 = _smca_forward_backward("resnet18", backbone_kwargs=dict(out_strides=(16,)))
+    assert model16.head.transformer.stride == 16
+    with pytest.raises(NotImplementedError, match="multi_scale"):
+        _smca_forward_backward("resnet18", multi_scale=True)
+
+
+def test_channels_last_backbone_forward_backward():
+    _smca_forward_backward("swin_tiny_patch4_window7_224")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone", ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "dat_tiny", "dat_pp_tiny", "smt_tiny"]
+)
+def test_backbone_matrix(backbone):
+    _smca_forward_backward(backbone)
