@@ -26,7 +26,15 @@ from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .registry import register_detector
 
-__all__ = ["DYNAMIC_SCALES", "SMCADETR", "SMCAHead", "SMCATransformer", "convert_smca_checkpoint", "gaussian_log_prior"]
+__all__ = [
+    "DYNAMIC_SCALES",
+    "SMCADETR",
+    "SMCAHead",
+    "SMCATransformer",
+    "convert_smca_checkpoint",
+    "gaussian_log_prior",
+    "scale_selection_attention",
+]
 
 DYNAMIC_SCALES = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}
 """Number of learned scale terms per head for each ``dynamic_scale`` variant."""
@@ -84,6 +92,47 @@ def gaussian_log_prior(
         raise ValueError(f"dynamic_scale must be one of {sorted(DYNAMIC_SCALES)}, got {dynamic_scale!r}")
     return (-energy.abs() / beta).permute(0, 2, 1, 3)
 
+
+
+def scale_selection_attention(
+    q: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    log_priors: list[Tensor],
+    key_padding_masks: list[Tensor | None],
+    scale_logits: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Multi-scale SMCA co-attention with scale selection (paper form): ``sum_s a_s softmax(q k_s / sqrt(d) +
+    log G_s) v_s`` with ``a = softmax(scale_logits)`` over scales.
+
+    The scale weights are computed for every image of the batch; the released multi-scale code instead takes
+    batch element 0's weights for the whole batch (``scale_attention[:, 0, k]``), harmless only at batch size 1,
+    which its recipe uses. That bug is deliberately not reproduced.
+
+    Args:
+        q: (B, heads, Q, d) projected queries.
+        keys, values: per scale (B, heads, S_s, d).
+        log_priors: per scale (B, heads, Q, S_s) additive Gaussian terms.
+        key_padding_masks: per scale (B, S_s) bool (True = padding) or None.
+        scale_logits: (B, Q, num_scales).
+
+    Returns:
+        (B, heads, Q, d) attended values and the (B, Q, num_scales) scale weights.
+    """
+    if not len(keys) == len(values) == len(log_priors) == len(key_padding_masks) == scale_logits.shape[-1]:
+        raise ValueError(
+            f"need one key, value, prior and mask per scale and scale_logits (..., {len(keys)}); got "
+            f"{len(values)} values, {len(log_priors)} priors, {len(key_padding_masks)} masks, "
+            f"scale_logits {tuple(scale_logits.shape)}"
+        )
+    weights = scale_logits.softmax(-1)
+    out = 0
+    for index, (k, v, prior, mask) in enumerate(zip(keys, values, log_priors, key_padding_masks)):
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + prior
+        if mask is not None:
+            logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
+        out = out + weights[:, None, :, index, None] * (logits.softmax(-1) @ v)
+    return out, weights
 
 class GaussianCrossAttention(nn.Module):
     """Multi-head attention whose logits receive an additive (B, heads, Q, S) bias before the softmax.

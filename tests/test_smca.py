@@ -237,3 +237,37 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
     after = evaluate_coco(model, data)
     assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)
+
+
+def test_scale_selection_attention_weights_per_image_and_padding():
+    from dat_smt.adapters.smca import scale_selection_attention
+
+    torch.manual_seed(0)
+    batch, heads, queries, dim, sizes = 2, 2, 3, 4, (12, 6, 2)
+    q = torch.randn(batch, heads, queries, dim)
+    keys = [torch.randn(batch, heads, s, dim) for s in sizes]
+    values = [torch.randn(batch, heads, s, dim) for s in sizes]
+    priors = [torch.randn(batch, heads, queries, s) for s in sizes]
+    masks = [torch.zeros(batch, s, dtype=torch.bool) for s in sizes]
+    masks[0][1, 8:] = True
+    scale_logits = torch.randn(batch, queries, len(sizes))
+    out, weights = scale_selection_attention(q, keys, values, priors, masks, scale_logits)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch, queries))
+    assert not torch.allclose(weights[0], weights[1])  # per image, not batch element 0's weights
+
+    # brute force per image: softmax per scale, padded keys removed, weighted by that image's scale weights
+    for b in range(batch):
+        expected = 0
+        for s in range(len(sizes)):
+            keep = ~masks[s][b]
+            logits = q[b] @ keys[s][b][:, keep].transpose(-1, -2) / dim**0.5 + priors[s][b][..., keep]
+            expected = expected + scale_logits[b].softmax(-1)[None, :, s, None] * (
+                logits.softmax(-1) @ values[s][b][:, keep]
+            )
+        torch.testing.assert_close(out[b], expected)
+
+    # padded keys get exactly zero attention: changing their values leaves the output unchanged
+    values[0][1, :, 8:] += 100.0
+    torch.testing.assert_close(scale_selection_attention(q, keys, values, priors, masks, scale_logits)[0], out)
+    with pytest.raises(ValueError, match="one key"):
+        scale_selection_attention(q, keys[:2], values, priors, masks, scale_logits)
