@@ -26,6 +26,7 @@ from .detector import DetrDetector
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine, box_sine_embedding
 from .registry import create_detector, list_detectors, register_detector
+from .smca import SMCADETR, SMCAHead, SMCATransformer, convert_smca_checkpoint
 from .utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -47,6 +48,9 @@ __all__ = [
     "DetrDetector",
     "HungarianMatcher",
     "PositionEmbeddingSine",
+    "SMCADETR",
+    "SMCAHead",
+    "SMCATransformer",
     "SetCriterion",
     "TimmBackbone",
     "batch_images",
@@ -56,6 +60,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "clones",
     "convert_official_checkpoint",
+    "convert_smca_checkpoint",
     "create_detector",
     "deformable_detr_weight_dict",
     "encoder_proposals",

@@ -27,7 +27,30 @@ CASES: List[Dict[str, Any]] = [
         "detector": "deformable_detr",
         "options": dict(backbone="resnet50", num_classes=91, num_feature_levels=4, with_box_refine=True),
     },
+    {
+        # no MSDA inside: both backend columns time the same model; ratios are against the baseline case's
+        # fastest backend, measured in this process
+        "case": "smca_single_scale_r50",
+        "detector": "smca",
+        "options": dict(backbone="resnet50", num_classes=91, num_queries=300, dynamic_scale="type3"),
+        "baseline": "deformable_detr_ms_refine_r50",
+    },
 ]
+
+
+def add_baseline_ratios(rows: List[Dict[str, Any]], cases: List[Dict[str, Any]], backends: List[str]) -> None:
+    """Adds ``<mode>_vs_baseline`` = this case's time / the baseline case's time (both on their fastest backend)."""
+    by_name = {row["case"]: row for row in rows}
+    for case in cases:
+        baseline = by_name.get(case.get("baseline", ""))
+        if baseline is None:
+            continue
+        row = by_name[case["case"]]
+        for mode in ("infer", "train_step"):
+            if f"{mode}_{backends[0]}_s" in row:
+                best = min(row[f"{mode}_{b}_s"] for b in backends)
+                best_baseline = min(baseline[f"{mode}_{b}_s"] for b in backends)
+                row[f"{mode}_vs_baseline"] = best / best_baseline
 
 
 def cpp_backend_unavailable_reason() -> str | None:
@@ -102,11 +125,12 @@ def main() -> None:
         print(f"cpp backend unavailable ({reason}); timing the reference backend only")
     cases = [c for c in CASES if args.cases is None or c["case"] in args.cases]
     rows = [bench_case(c, tuple(args.size), backends, args.repeats, args.warmup, not args.no_train) for c in cases]
+    add_baseline_ratios(rows, cases, backends)
 
-    columns = [k for k in rows[0] if k not in ("case", "size")]
+    columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("case", "size")))
     print(f"{'case':32s} " + " ".join(f"{c:>22s}" for c in columns))
     for row in rows:
-        print(f"{row['case']:32s} " + " ".join(f"{row[c]:22.3f}" for c in columns))
+        print(f"{row['case']:32s} " + " ".join(f"{row.get(c, float('nan')):22.3f}" for c in columns))
     print(json.dumps({
         "benchmark": "detectors", "threads": torch.get_num_threads(), "cpp_available": reason is None,
         "cpp_unavailable_reason": reason, "rows": rows,

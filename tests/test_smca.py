@@ -1,0 +1,273 @@
+"""SMCA-DETR: official fixture through the converter, Gaussian prior behaviour, padding, strict conversion."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dat_smt.adapters.smca import SMCAHead, convert_smca_checkpoint, gaussian_log_prior
+
+
+def _fixture(reference_dir):
+    path = reference_dir / "fixtures" / "smca_small.safetensors"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return load_file(str(path)), meta
+
+
+def _head_from_config(config, in_channels):
+    return SMCAHead(
+        in_channels,
+        num_classes=config["num_classes"],
+        num_queries=config["num_queries"],
+        d_model=config["hidden_dim"],
+        num_heads=config["nheads"],
+        num_encoder_layers=config["enc_layers"],
+        num_decoder_layers=config["dec_layers"],
+        dim_feedforward=config["dim_feedforward"],
+        dropout=config["dropout"],
+        dynamic_scale=config["dynamic_scale"],
+        beta=config["smooth"],
+    )
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_official_fixture(reference_dir, dtype):
+    tensors, meta = _fixture(reference_dir)
+    torch_dtype = torch.float32 if dtype == "f32" else torch.float64
+    official = {k[len("weights."):]: v.to(torch_dtype) for k, v in tensors.items() if k.startswith("weights.")}
+    head = _head_from_config(meta["config"], meta["config"]["c5_channels"]).to(torch_dtype).eval()
+    head_state, backbone_state = convert_smca_checkpoint(official, head)
+    head.load_state_dict(head_state)
+    assert backbone_state, "backbone.0.body keys must be split off"
+
+    # The stored src is the projected stride-32 map (the stand-in CNN body is not part of the head).
+    src = tensors["f32.src"].to(torch_dtype)
+    mask = tensors["f32.mask"].bool()
+    pos = tensors["f32.pos_embed"].to(torch_dtype)
+    sizes_hw = tensors["input.sizes_hw"]
+    with torch.no_grad():
+        out = head.transformer(src, mask, head.query_embed.weight, pos, sizes_hw)
+        hs = out["hs"]
+        box_logits = head.bbox_embed(hs)
+        boxes = torch.cat([box_logits[..., :2] + out["reference"], box_logits[..., 2:]], -1).sigmoid()
+        logits = head.class_embed(hs)
+
+    atol = 1e-4 if dtype == "f32" else 1e-5
+    expected = {k.split(".", 1)[1]: v.to(torch_dtype) for k, v in tensors.items() if k.startswith(f"{dtype}.")}
+    torch.testing.assert_close(out["memory"].transpose(0, 1), expected["memory"], atol=atol, rtol=0)
+    torch.testing.assert_close(hs, expected["hs"], atol=atol, rtol=0)
+    torch.testing.assert_close(out["reference"], expected["points"], atol=atol, rtol=0)
+    torch.testing.assert_close(logits[-1], expected["pred_logits"], atol=atol, rtol=0)
+    torch.testing.assert_close(boxes[-1], expected["pred_boxes"], atol=atol, rtol=0)
+    if dtype == "f32":
+        torch.testing.assert_close(logits[:-1], expected["aux_pred_logits"], atol=atol, rtol=0)
+        torch.testing.assert_close(boxes[:-1], expected["aux_pred_boxes"], atol=atol, rtol=0)
+        batch, heads, queries, keys = out["log_priors"][0].shape
+        for index, log_prior in enumerate(out["log_priors"]):
+            # official layout (Q, h*w, B*heads) with index b*heads + head
+            official_layout = log_prior.permute(2, 3, 0, 1).reshape(queries, keys, batch * heads)
+            torch.testing.assert_close(official_layout, expected[f"log_gaussian_layer{index}"], atol=atol, rtol=0)
+
+
+def test_input_projection_matches_fixture(reference_dir):
+    """The converted input projection maps a C5 map onto the stored src (checks the 1x1 conv weights)."""
+    tensors, meta = _fixture(reference_dir)
+    official = {k[len("weights."):]: v.float() for k, v in tensors.items() if k.startswith("weights.")}
+    head = _head_from_config(meta["config"], meta["config"]["c5_channels"]).eval()
+    head.load_state_dict(convert_smca_checkpoint(official, head)[0])
+    weight = head.input_proj.weight.flatten(1)
+    # src - bias must lie in the column space of the projection: solve least squares and reproject.
+    target = tensors["f32.src"].float() - head.input_proj.bias[None, :, None, None]
+    flat = target.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    solution = torch.linalg.lstsq(weight, flat.T).solution
+    torch.testing.assert_close((weight @ solution).T, flat, atol=1e-3, rtol=0)
+
+
+def test_converter_is_strict(reference_dir):
+    tensors, meta = _fixture(reference_dir)
+    official = {k[len("weights."):]: v.float() for k, v in tensors.items() if k.startswith("weights.")}
+    head = _head_from_config(meta["config"], meta["config"]["c5_channels"])
+    broken = dict(official)
+    del broken["transformer.decoder.layers.1.point2.weight"]
+    with pytest.raises(ValueError, match="missing.*layers.1.point2.weight"):
+        convert_smca_checkpoint(broken, head)
+    with pytest.raises(ValueError, match="backbone.0.body"):
+        convert_smca_checkpoint({**official, "backbone.1.foo": torch.zeros(1)}, head)
+
+
+def test_resnet50_backbone_keys_map_onto_timm():
+    timm = pytest.importorskip("timm")
+    from torchvision.models import resnet50
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    body = resnet50(norm_layer=FrozenBatchNorm2d)
+    official = {f"backbone.0.body.{k}": v for k, v in body.state_dict().items() if not k.startswith("fc.")}
+    head = SMCAHead(2048, num_classes=3, num_queries=4, num_encoder_layers=1, num_decoder_layers=1)
+    official.update(head.state_dict())
+    backbone = timm.create_model("resnet50", features_only=True, out_indices=(4,), pretrained=False)
+    _, backbone_state = convert_smca_checkpoint(official, head, backbone)
+    backbone.load_state_dict(backbone_state)
+    x = torch.rand(1, 3, 64, 96)
+    body.eval()
+    backbone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x)[-1], torch.nn.Sequential(*list(body.children())[:-2])(x))
+
+
+def test_prior_concentrates_as_beta_shrinks():
+    centres = torch.tensor([[[[3.3, 2.6]]]])  # (B, Q, heads, 2)
+    scales = torch.ones(1, 1, 1, 2)
+    masses = []
+    for beta in (64.0, 8.0, 1.0, 0.25):
+        attention = gaussian_log_prior(centres, scales, (6, 8), "type3", beta).softmax(-1).view(6, 8)
+        masses.append(attention[2:4, 3:5].sum().item())  # the 2x2 cells around (x 3.3, y 2.6)
+    assert all(a < b for a, b in zip(masses, masses[1:])), masses
+    assert masses[-1] > 0.95
+    assert torch.argmax(attention).item() == 3 * 8 + 3  # nearest cell (x 3, y 3)
+
+
+def test_padding_keys_get_zero_attention():
+    torch.manual_seed(0)
+    head = SMCAHead(8, num_classes=2, num_queries=5, d_model=32, num_heads=4, num_encoder_layers=1,
+                    num_decoder_layers=2, dim_feedforward=16).eval()
+    layer = head.transformer.decoder.layers[0]
+    mask = torch.zeros(1, 3, 5, dtype=torch.bool)
+    mask[:, :, 3:] = True
+    memory = torch.randn(1, 15, 32)
+    tgt = torch.randn(1, 5, 32)
+    bias = torch.zeros(1, 4, 5, 15)
+    _, attention = layer.multihead_attn(tgt, memory, memory, bias, mask.flatten(1))
+    assert torch.all(attention[..., mask.flatten()] == 0)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(1, 4, 5))
+
+
+def test_single_scale_head_backward_and_custom_dims():
+    torch.manual_seed(0)
+    head = SMCAHead(12, num_classes=3, num_queries=6, d_model=48, num_heads=6, num_encoder_layers=1,
+                    num_decoder_layers=2, dim_feedforward=32, dynamic_scale="type4", stride=16)
+    feature = torch.randn(2, 12, 5, 7)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, 3:, :] = True
+    out = head(feature, mask, torch.randn(2, 48, 5, 7), torch.tensor([[80, 112], [48, 100]]))
+    assert out["pred_boxes"].shape == (2, 2, 6, 4) and out["pred_logits"].shape == (2, 2, 6, 4)
+    (out["pred_boxes"].sum() + out["pred_logits"].sum()).backward()
+    assert head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dynamic_scale"):
+        SMCAHead(12, num_classes=3, dynamic_scale="type5")
+
+
+TINY = dict(num_queries=6, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32)
+
+
+def _smca_forward_backward(backbone, **options):
+    timm = pytest.importorskip("timm")
+    from dat_smt.adapters import create_detector
+
+    if not timm.is_model(backbone):
+        pytest.skip(f"{backbone} is not registered with timm in this build")
+    torch.manual_seed(0)
+    model = create_detector("smca", backbone=backbone, num_classes=3, **TINY, **options)
+    images = [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]
+    targets = [
+        {"boxes": torch.tensor([[5.0, 8.0, 40.0, 60.0], [50.0, 10.0, 80.0, 30.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    losses = model.train()(images, targets)
+    assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou") for s in ("", "_0")}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
+    assert model.head.input_proj.weight.grad is not None
+    detections = model.eval()(images)
+    assert [d["boxes"].shape for d in detections] == [(18, 4), (18, 4)]
+    assert (detections[1]["boxes"][:, 2] <= 61).all() and (detections[1]["boxes"][:, 3] <= 83).all()
+    return model
+
+
+def test_detector_uses_backbone_stride_and_unpadded_sizes():
+    model = _smca_forward_backward("resnet18")
+    assert model.head.transformer.stride == 32
+    model16 = _smca_forward_backward("resnet18", backbone_kwargs=dict(out_strides=(16,)))
+    assert model16.head.transformer.stride == 16
+    with pytest.raises(NotImplementedError, match="multi_scale"):
+        _smca_forward_backward("resnet18", multi_scale=True)
+
+
+def test_channels_last_backbone_forward_backward():
+    _smca_forward_backward("swin_tiny_patch4_window7_224")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone", ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "dat_tiny", "dat_pp_tiny", "smt_tiny"]
+)
+def test_backbone_matrix(backbone):
+    _smca_forward_backward(backbone)
+
+
+@pytest.mark.slow
+def test_short_training_on_shapes_reaches_nontrivial_ap():
+    """A seeded CPU run fits 16 generated images: the loss falls and pycocotools AP50 on them rises."""
+    from dat_smt.adapters import create_detector, evaluate_coco
+    from dat_smt.shapes import ShapesDetectionDataset
+
+    torch.manual_seed(0)
+    dataset = ShapesDetectionDataset(16, min_size=64, max_size=80, seed=0, max_objects=1, num_classes=4)
+    data = [dataset[i] for i in range(len(dataset))]
+    model = create_detector(
+        "smca", backbone="resnet18", num_classes=4, d_model=64, num_heads=4, num_encoder_layers=1,
+        num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0,
+        backbone_kwargs=dict(trainable_stages=-1, freeze_bn=False, out_strides=(16,)),
+    ).train()
+    before = evaluate_coco(model, data)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(120):
+        idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
+        loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
+    after = evaluate_coco(model, data)
+    assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)
+
+
+def test_scale_selection_attention_weights_per_image_and_padding():
+    from dat_smt.adapters.smca import scale_selection_attention
+
+    torch.manual_seed(0)
+    batch, heads, queries, dim, sizes = 2, 2, 3, 4, (12, 6, 2)
+    q = torch.randn(batch, heads, queries, dim)
+    keys = [torch.randn(batch, heads, s, dim) for s in sizes]
+    values = [torch.randn(batch, heads, s, dim) for s in sizes]
+    priors = [torch.randn(batch, heads, queries, s) for s in sizes]
+    masks = [torch.zeros(batch, s, dtype=torch.bool) for s in sizes]
+    masks[0][1, 8:] = True
+    scale_logits = torch.randn(batch, queries, len(sizes))
+    out, weights = scale_selection_attention(q, keys, values, priors, masks, scale_logits)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch, queries))
+    assert not torch.allclose(weights[0], weights[1])  # per image, not batch element 0's weights
+
+    # brute force per image: softmax per scale, padded keys removed, weighted by that image's scale weights
+    for b in range(batch):
+        expected = 0
+        for s in range(len(sizes)):
+            keep = ~masks[s][b]
+            logits = q[b] @ keys[s][b][:, keep].transpose(-1, -2) / dim**0.5 + priors[s][b][..., keep]
+            expected = expected + scale_logits[b].softmax(-1)[None, :, s, None] * (
+                logits.softmax(-1) @ values[s][b][:, keep]
+            )
+        torch.testing.assert_close(out[b], expected)
+
+    # padded keys get exactly zero attention: changing their values leaves the output unchanged
+    values[0][1, :, 8:] += 100.0
+    torch.testing.assert_close(scale_selection_attention(q, keys, values, priors, masks, scale_logits)[0], out)
+    with pytest.raises(ValueError, match="one key"):
+        scale_selection_attention(q, keys[:2], values, priors, masks, scale_logits)
