@@ -23,7 +23,9 @@ _ENCODER_TOP_LEVEL = {
     "enc_output_norm.weight": "input_norm.weight",
     "enc_output_norm.bias": "input_norm.bias",
 }
-_SCORER = {"layer1.0": "embed.0", "layer1.1": "embed.1", "layer2.0": "head.0", "layer2.2": "head.2", "layer2.4": "head.4"}
+_SCORER = {
+    "layer1.0": "embed.0", "layer1.1": "embed.1", "layer2.0": "head.0", "layer2.2": "head.2", "layer2.4": "head.4",
+}
 _ENCODER_LAYER = {
     "attentions.0.attn": "self_attn",
     "norm2": "self_attn_norm",

@@ -82,7 +82,9 @@ class ForegroundTokenSelector(nn.Module):
         self.scorer = ForegroundScorer(dim, hidden_dim or dim)
         self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-0.3, 0.3))
 
-    def forward(self, tokens: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+            self, tokens: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+    ) -> torch.Tensor:
         """(B, S, dim) projected tokens of all levels (fine to coarse) -> (B, S) foreground logits."""
         if spatial_shapes.shape[0] != self.num_levels:
             raise ValueError(f"selector built for {self.num_levels} levels, got {spatial_shapes.shape[0]}")
