@@ -1,0 +1,110 @@
+"""Adapter turning any timm ``features_only`` model into a detection backbone with per-level padding masks."""
+from typing import List, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+
+__all__ = ["TimmBackbone"]
+
+
+class TimmBackbone(nn.Module):
+    """The maps of chosen strides of a timm ``features_only`` model, as NCHW tensors with padding masks.
+
+    Args:
+        model: A timm model name (built here with ``features_only=True``) or an already built features-only
+            model (anything with a timm ``feature_info``).
+        out_strides: Strides of the returned maps, matched against ``feature_info.reduction()``.
+        pretrained: Load the timm pretrained weights (only when ``model`` is a name).
+        freeze_bn: Replace every ``BatchNorm2d`` by a ``FrozenBatchNorm2d`` (running statistics and affine
+            parameters fixed), as detection training with small batches does.
+        trainable_stages: How many of the last feature stages train; everything before them (stem and early
+            stages) is frozen. ``None`` trains the stages producing ``out_strides`` and freezes the earlier ones
+            (the official ResNet setting: layer2-4 train); ``-1`` trains everything; 0 freezes the backbone.
+        **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
+
+    Attributes:
+        strides: Stride of every returned map.
+        channels: Channels of every returned map.
+        body: The wrapped timm model; its parameters are ``body.<timm name>``.
+    """
+
+    def __init__(
+            self,
+            model: Union[str, nn.Module],
+            out_strides: Sequence[int] = (8, 16, 32),
+            pretrained: bool = False,
+            freeze_bn: bool = True,
+            trainable_stages: int | None = None,
+            **timm_kwargs,
+    ):
+        super().__init__()
+        if isinstance(model, str):
+            model = _create_features_model(model, pretrained, **timm_kwargs)
+        elif timm_kwargs or pretrained:
+            raise ValueError("pretrained and timm keyword arguments only apply when the backbone is given by name")
+        feature_info = getattr(model, "feature_info", None)
+        if feature_info is None or not hasattr(feature_info, "reduction"):
+            raise TypeError(
+                f"the backbone must be a timm features_only model (with feature_info), got {type(model).__name__}; "
+                "build it with timm.create_model(name, features_only=True)"
+            )
+        reductions = list(feature_info.reduction())
+        missing = [s for s in out_strides if s not in reductions]
+        if missing:
+            raise ValueError(f"the backbone has no feature map of stride {missing}; its strides are {reductions}")
+        # The deepest map of each requested stride (a dilated stage repeats its predecessor's stride).
+        self.feature_indices = [max(i for i, r in enumerate(reductions) if r == s) for s in out_strides]
+        self.strides = [reductions[i] for i in self.feature_indices]
+        self.channels = [feature_info.channels()[i] for i in self.feature_indices]
+        fmt = getattr(model, "output_fmt", "NCHW")
+        self.channels_last_output = getattr(fmt, "value", fmt) == "NHWC"
+        if freeze_bn:
+            model = freeze_batch_norm_2d(model)
+        self.body = model
+        self._freeze_early_stages(feature_info.module_name(), trainable_stages)
+
+    def _freeze_early_stages(self, stage_names: List[str], trainable_stages: int | None) -> None:
+        if trainable_stages == -1:
+            return
+        if trainable_stages is None:
+            first_trainable = min(self.feature_indices)
+        else:
+            if trainable_stages < 0 or trainable_stages > len(stage_names):
+                raise ValueError(f"trainable_stages must be -1 or in [0, {len(stage_names)}], got {trainable_stages}")
+            first_trainable = len(stage_names) - trainable_stages
+        prefixes = tuple(name.replace(".", "_") + "." for name in stage_names[first_trainable:])
+        prefixes += tuple(name + "." for name in stage_names[first_trainable:])
+        for name, param in self.body.named_parameters():
+            if not name.startswith(prefixes):
+                param.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(B, 3, H, W) images and (B, H, W) padding mask -> NCHW maps and their (B, h, w) masks, one per stride."""
+        features = self.body(images)
+        maps, masks = [], []
+        for i in self.feature_indices:
+            x = features[i]
+            if self.channels_last_output:
+                x = x.permute(0, 3, 1, 2)
+            maps.append(x)
+            masks.append(mask_to_size(mask, x.shape[-2:]))
+        return maps, masks
+
+
+def _create_features_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    """``timm.create_model(features_only=True)``, accepting any input size where the model supports it (Swin)."""
+    if "strict_img_size" not in kwargs:
+        try:
+            return timm.create_model(name, features_only=True, pretrained=pretrained, strict_img_size=False, **kwargs)
+        except TypeError as e:
+            if "strict_img_size" not in str(e):
+                raise
+    return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+
+
+def mask_to_size(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a (B, H, W) bool padding mask to ``size`` (the map's actual size)."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
