@@ -13,7 +13,11 @@ from torch import nn
 
 from dat_smt._checkpoint import check_state_dict
 
-__all__ = ["convert_focus_encoder_state_dict", "convert_detectron2_resnet_state_dict"]
+__all__ = [
+    "convert_focus_encoder_state_dict",
+    "convert_detectron2_resnet_state_dict",
+    "convert_official_focus_detr_state_dict",
+]
 
 _ENCODER_TOP_LEVEL = {
     "level_embeds": "level_embed",
@@ -104,4 +108,70 @@ def convert_detectron2_resnet_state_dict(
         converted.setdefault(key.replace("running_var", "num_batches_tracked"), torch.zeros((), dtype=torch.long))
     if model is not None:
         check_state_dict(converted, model, "detectron2 ResNet")
+    return converted
+
+
+_DECODER_LAYER = {
+    "attentions.0.attn": "self_attn",
+    "attentions.1": "cross_attn",
+    "norms.0": "norm1",
+    "norms.1": "norm2",
+    "norms.2": "norm3",
+    "ffns.0.layers.0.0": "linear1",
+    "ffns.0.layers.1": "linear2",
+}
+
+
+def _rename_detector_key(key: str, num_backbone_levels: int) -> str | None:
+    """Official non-backbone, non-encoder keys -> :class:`FocusDETR` keys (None: alias or unused)."""
+    match = re.fullmatch(r"neck\.(convs|extra_convs)\.(\d+)\.(conv|norm)\.(\w+)", key)
+    if match:
+        kind, index, part, name = match.groups()
+        level = int(index) + (num_backbone_levels if kind == "extra_convs" else 0)
+        return f"input_proj.{level}.{0 if part == 'conv' else 1}.{name}"
+    match = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.(.+)", key)
+    if match:
+        for official, ours in _DECODER_LAYER.items():
+            if match.group(2).startswith(official + "."):
+                return f"decoder.layers.{match.group(1)}.{ours}{match.group(2)[len(official):]}"
+        return None
+    for official, ours in (
+        ("transformer.decoder.ref_point_head.", "decoder.ref_point_head."),
+        ("transformer.decoder.norm.", "decoder.norm."),
+        ("transformer.tgt_embed.", "tgt_embed."),
+        ("label_enc.", "denoising.label_embed."),
+        ("class_embed.", "class_embed."),
+        ("bbox_embed.", "bbox_embed."),
+    ):
+        if key.startswith(official):
+            return ours + key[len(official):]
+    return None
+
+
+def convert_official_focus_detr_state_dict(
+        state_dict: Mapping[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """The official detrex Focus-DETR checkpoint (ResNet-50) -> :class:`FocusDETR` keys, checked strictly.
+
+    detectron2 ResNet -> ``backbone.body.*`` (timm resnet50); ``neck.convs.<i>`` / ``neck.extra_convs.<j>``
+    (ChannelMapper conv + GroupNorm) -> ``input_proj``; encoder side -> ``encoder.*``; decoder layers, query
+    positional MLP, final norm, ``tgt_embed``, ``label_enc`` (denoising labels) and the per-layer heads follow.
+    The decoder's aliases of the heads (``transformer.decoder.class_embed`` / ``bbox_embed``) are dropped.
+    """
+    converted = {
+        "backbone.body." + k: v for k, v in convert_detectron2_resnet_state_dict(state_dict).items()
+    }
+    converted.update({"encoder." + k: v for k, v in convert_focus_encoder_state_dict(state_dict).items()})
+    num_backbone_levels = len(model.backbone.channels)
+    for key, value in state_dict.items():
+        new_key = _rename_detector_key(key, num_backbone_levels)
+        if new_key is not None:
+            converted[new_key] = value
+    expected = model.state_dict()
+    # BatchNorm counters exist only when the backbone keeps trainable BatchNorm (not FrozenBatchNorm2d).
+    converted = {k: v for k, v in converted.items() if not k.endswith("num_batches_tracked") or k in expected}
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in converted:
+            converted[key] = torch.zeros_like(value)
+    check_state_dict(converted, model, "official Focus-DETR checkpoint")
     return converted

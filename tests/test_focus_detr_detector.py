@@ -1,4 +1,5 @@
 """Focus-DETR detector: builds and trains on timm backbones, sparse encoder behaviour, seeded training to AP."""
+import itertools
 import math
 
 import pytest
@@ -94,3 +95,73 @@ def test_rejects_bad_options():
         create_detector("focus_detr", backbone="resnet18", num_classes=3, **{**TINY, "d_model": 48})
     with pytest.raises(ValueError, match="cascade"):
         create_detector("focus_detr", backbone="resnet18", num_classes=3, **{**TINY, "num_encoder_layers": 7})
+
+
+def _official_focus_detr_names(model):
+    """detrex names of the official Focus-DETR checkpoint (written from the release's module layout), each with
+    the shape of the parameter it should fill."""
+    ours = model.state_dict()
+    names = {
+        "transformer.level_embeds": ours["encoder.level_embed"],
+        "transformer.alpha": ours["encoder.selector.alpha"],
+        "transformer.tgt_embed.weight": ours["tgt_embed.weight"],
+        "label_enc.weight": ours["denoising.label_embed.weight"],
+    }
+    necks = [(f"neck.convs.{i}", i) for i in range(3)] + [("neck.extra_convs.0", 3)]
+    for (neck, level), (part, index) in itertools.product(necks, (("conv", 0), ("norm", 1))):
+        for name in ("weight", "bias"):
+            names[f"{neck}.{part}.{name}"] = ours[f"input_proj.{level}.{index}.{name}"]
+    for part in ("weight", "bias"):
+        names[f"transformer.enc_output.{part}"] = ours[f"encoder.input_proj.{part}"]
+        names[f"transformer.enc_output_norm.{part}"] = ours[f"encoder.input_norm.{part}"]
+        names[f"transformer.decoder.norm.{part}"] = ours[f"decoder.norm.{part}"]
+        for j in range(2):
+            head = f"decoder.ref_point_head.layers.{j}.{part}"
+            names[f"transformer.{head}"] = ours[head]
+        for official, mine in (("layer1.0", "embed.0"), ("layer1.1", "embed.1"), ("layer2.0", "head.0"),
+                               ("layer2.2", "head.2"), ("layer2.4", "head.4")):
+            names[f"transformer.enc_mask_predictor.{official}.{part}"] = ours[f"encoder.selector.scorer.{mine}.{part}"]
+        for i in range(3):
+            names[f"class_embed.{i}.{part}"] = ours[f"class_embed.{i}.{part}"]
+            names[f"transformer.decoder.class_embed.{i}.{part}"] = ours[f"class_embed.{i}.{part}"]  # alias
+            for j in range(3):
+                names[f"bbox_embed.{i}.layers.{j}.{part}"] = ours[f"bbox_embed.{i}.layers.{j}.{part}"]
+        msda = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+        for i in range(2):
+            enc, dec = f"transformer.encoder.layers.{i}.", f"transformer.decoder.layers.{i}."
+            for name in msda:
+                names[f"{enc}attentions.1.{name}.{part}"] = ours[f"encoder.layers.{i}.cross_attn.{name}.{part}"]
+                names[f"{dec}attentions.1.{name}.{part}"] = ours[f"decoder.layers.{i}.cross_attn.{name}.{part}"]
+            for prefix, layer in ((enc, "encoder"), (dec, "decoder")):
+                attn = f"{layer}.layers.{i}.self_attn"
+                names[f"{prefix}attentions.0.attn.out_proj.{part}"] = ours[f"{attn}.out_proj.{part}"]
+                names[f"{prefix}attentions.0.attn.in_proj_{part}"] = ours[f"{attn}.in_proj_{part}"]
+                names[f"{prefix}ffns.0.layers.0.0.{part}"] = ours[f"{layer}.layers.{i}.linear1.{part}"]
+                names[f"{prefix}ffns.0.layers.1.{part}"] = ours[f"{layer}.layers.{i}.linear2.{part}"]
+                names[f"{prefix}norms.0.{part}"] = ours[f"{layer}.layers.{i}.norm1.{part}"]
+                names[f"{prefix}norms.1.{part}"] = ours[f"{layer}.layers.{i}.norm2.{part}"]
+            names[f"{enc}norm2.{part}"] = ours[f"encoder.layers.{i}.self_attn_norm.{part}"]
+            names[f"{dec}norms.2.{part}"] = ours[f"decoder.layers.{i}.norm3.{part}"]
+    return {k: torch.randn_like(v) for k, v in names.items()}
+
+
+def test_official_checkpoint_converter_is_strict():
+    from test_focus_detr import _detectron2_resnet50_keys
+
+    from dat_smt.adapters.focus_detr_convert import convert_official_focus_detr_state_dict
+
+    model = create_detector("focus_detr", backbone="resnet50", num_classes=3, **TINY)
+    official = _official_focus_detr_names(model)
+    official.update(_detectron2_resnet50_keys(model.backbone.body))
+    model.load_state_dict(convert_official_focus_detr_state_dict(official, model))
+    torch.testing.assert_close(
+        model.decoder.layers[1].norm3.weight, official["transformer.decoder.layers.1.norms.2.weight"]
+    )
+    torch.testing.assert_close(model.input_proj[3][1].bias, official["neck.extra_convs.0.norm.bias"])
+    torch.testing.assert_close(model.class_embed[2].bias, official["class_embed.2.bias"])  # not the alias
+    torch.testing.assert_close(
+        model.backbone.body.layer4[2].bn3.weight, official["backbone.res5.2.conv3.norm.weight"]
+    )
+    del official["transformer.decoder.ref_point_head.layers.1.bias"]
+    with pytest.raises(ValueError, match="decoder.ref_point_head.layers.1.bias"):
+        convert_official_focus_detr_state_dict(official, model)
