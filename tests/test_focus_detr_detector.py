@@ -165,3 +165,32 @@ def test_official_checkpoint_converter_is_strict():
     del official["transformer.decoder.ref_point_head.layers.1.bias"]
     with pytest.raises(ValueError, match="decoder.ref_point_head.layers.1.bias"):
         convert_official_focus_detr_state_dict(official, model)
+
+
+@pytest.mark.slow
+def test_short_seeded_training_reaches_nontrivial_ap():
+    from dat_smt.adapters import evaluate_coco
+    from dat_smt.shapes import ShapesDetectionDataset
+
+    torch.manual_seed(0)
+    dataset = ShapesDetectionDataset(8, min_size=64, max_size=80, seed=0, max_objects=2, num_classes=2)
+    model = create_detector(
+        "focus_detr", backbone="resnet18", num_classes=2, d_model=64, nhead=4, num_encoder_layers=2,
+        num_decoder_layers=2, dim_feedforward=128, num_queries=20, topk_sa=16, dn_number=10,
+        backbone_kwargs={"trainable_stages": -1},
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    first = None
+    for _ in range(60):
+        batch = [dataset[i] for i in torch.randint(len(dataset), (4,), generator=generator).tolist()]
+        loss = sum(model([image for image, _ in batch], [target for _, target in batch]).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.5 * first
+    metrics = evaluate_coco(model, dataset)
+    assert metrics["AP50"] > 0.1, metrics
