@@ -21,8 +21,8 @@ class TimmBackbone(nn.Module):
         freeze_bn: Replace every ``BatchNorm2d`` by a ``FrozenBatchNorm2d`` (running statistics and affine
             parameters fixed), as detection training with small batches does.
         trainable_stages: How many of the last feature stages train; everything before them (stem and early
-            stages) is frozen. ``None`` trains the stages producing ``out_strides`` and freezes the earlier ones
-            (the official ResNet setting: layer2-4 train); ``-1`` trains everything; 0 freezes the backbone.
+            stages) is frozen. ``None`` trains the stages of stride 8 and more and freezes the stem and the
+            stride-4 stage (the official ResNet setting: layer2-4 train); ``-1`` trains everything; 0 freezes all.
         **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
 
     Attributes:
@@ -64,13 +64,13 @@ class TimmBackbone(nn.Module):
         if freeze_bn:
             model = freeze_batch_norm_2d(model)
         self.body = model
-        self._freeze_early_stages(feature_info.module_name(), trainable_stages)
+        self._freeze_early_stages(feature_info.module_name(), reductions, trainable_stages)
 
-    def _freeze_early_stages(self, stage_names: List[str], trainable_stages: int | None) -> None:
+    def _freeze_early_stages(self, stage_names: List[str], reductions: List[int], trainable_stages: int | None) -> None:
         if trainable_stages == -1:
             return
         if trainable_stages is None:
-            first_trainable = min(self.feature_indices)
+            first_trainable = next((i for i, r in enumerate(reductions) if r >= 8), 0)
         else:
             if trainable_stages < 0 or trainable_stages > len(stage_names):
                 raise ValueError(f"trainable_stages must be -1 or in [0, {len(stage_names)}], got {trainable_stages}")
