@@ -26,6 +26,12 @@ CASES: List[Dict[str, Any]] = [
         "detector": "deformable_detr",
         "options": dict(backbone="resnet50", num_classes=91, num_feature_levels=4, with_box_refine=True),
     },
+    {
+        # Token selection vs keep ratio 1.0 (encoder FLOPs, wall clock): benchmarks/detectors_focus_detr.py.
+        "case": "focus_detr_r50",
+        "detector": "focus_detr",
+        "options": dict(backbone="resnet50", num_classes=80),
+    },
 ]
 
 
