@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbone import TimmBackbone, mask_to_size
 from .criterion import SetCriterion
-from .deformable_detr import _build_backbone
+from .deformable_detr import _build_backbone, encoder_proposals
 from .detector import DetrDetector
 from .focus_detr_dino import (
     ContrastiveDenoising,
@@ -24,7 +24,7 @@ from .focus_detr_dino import (
     look_forward_twice_boxes,
     select_queries,
 )
-from .focus_detr_encoder import FocusEncoder, encoder_output_proposals
+from .focus_detr_encoder import FocusEncoder
 from .focus_detr_selector import DEFAULT_CASCADE, foreground_targets, level_size_ranges, selector_focal_loss
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
@@ -190,7 +190,7 @@ class FocusDETR(DetrDetector):
         """Raw predictions; with ``targets`` (normalised cxcywh) also the denoising and selector outputs."""
         srcs, masks, pos = self.forward_features(images, mask)
         enc = self.encoder(srcs, masks, pos, score_head=self.class_embed[-1])
-        proposal_tokens, proposals = encoder_output_proposals(enc.memory, enc.padding_mask, enc.spatial_shapes)
+        proposal_tokens, proposals = encoder_proposals(enc.memory, enc.padding_mask, enc.spatial_shapes)
         proposal_tokens = self.encoder.input_norm(self.encoder.input_proj(proposal_tokens))
         enc_class = self.class_embed[-1](proposal_tokens)
         enc_coords_unact = self.bbox_embed[-1](proposal_tokens) + proposals

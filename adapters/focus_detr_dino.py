@@ -1,7 +1,6 @@
 """The DINO base of Focus-DETR: contrastive denoising queries, mixed query selection and the decoder with
 look-forward-twice box refinement and a positional MLP on sine-embedded reference boxes.
 """
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -11,9 +10,10 @@ from torchvision.ops import box_convert
 
 from dat_smt.ops import MSDeformAttn
 
+from .position_encoding import box_sine_embedding
+from .utils import MLP, inverse_sigmoid
+
 __all__ = [
-    "MLP",
-    "inverse_sigmoid",
     "sine_box_embedding",
     "denoising_attention_mask",
     "DenoisingQueries",
@@ -26,26 +26,6 @@ __all__ = [
 ]
 
 
-class MLP(nn.Module):
-    """Linear layers with ReLU in between (DETR's box-head MLP)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [out_dim]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else layer(x).relu()
-        return x
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Logit of ``x`` clamped to [0, 1] with ``eps`` guards."""
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
 def sine_box_embedding(
         boxes: torch.Tensor, num_feats: int = 128, temperature: float = 10000.0, exchange_xy: bool = True
 ) -> torch.Tensor:
@@ -53,15 +33,9 @@ def sine_box_embedding(
 
     ``exchange_xy`` puts y before x, as DINO does for its query positional MLP.
     """
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    embeds = []
-    for coord in boxes.unbind(-1):
-        angles = coord[..., None] * (2 * math.pi) / dim_t
-        embeds.append(torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-2))
-    if exchange_xy and len(embeds) >= 2:
-        embeds[0], embeds[1] = embeds[1], embeds[0]
-    return torch.cat(embeds, -1)
+    if exchange_xy and boxes.shape[-1] >= 2:
+        boxes = torch.cat([boxes[..., 1:2], boxes[..., 0:1], boxes[..., 2:]], -1)
+    return box_sine_embedding(boxes, num_feats, temperature)
 
 
 def denoising_attention_mask(

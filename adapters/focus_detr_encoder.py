@@ -13,71 +13,15 @@ from torch import nn
 
 from dat_smt.ops import MSDeformAttn
 
+from .deformable_detr import encoder_proposals, encoder_reference_points, flatten_levels
 from .focus_detr_selector import DEFAULT_CASCADE, ForegroundTokenSelector, cascade_token_indices
 
 __all__ = [
     "DualAttentionEncoderLayer",
     "FocusEncoder",
     "FocusEncoderOutput",
-    "valid_ratios",
-    "encoder_reference_points",
-    "encoder_output_proposals",
     "gather_tokens",
 ]
-
-
-def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) padding mask (True = pad) -> (B, 2) valid fraction (x, y) of the map."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
-
-
-def encoder_reference_points(spatial_shapes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
-    """Token centres normalised by the valid area of their level, projected onto every level: (B, S, L, 2)."""
-    points = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys = (torch.arange(h, device=ratios.device, dtype=torch.float32) + 0.5)
-        xs = (torch.arange(w, device=ratios.device, dtype=torch.float32) + 0.5)
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        y = y.reshape(-1)[None] / (ratios[:, None, level, 1] * h)
-        x = x.reshape(-1)[None] / (ratios[:, None, level, 0] * w)
-        points.append(torch.stack([x, y], -1))
-    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
-
-
-def encoder_output_proposals(
-        memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token proposal boxes (two-stage) and the tokens zeroed where a proposal is unusable.
-
-    Proposal of token (i, j) on level l: centre ``((j+0.5)/valid_W, (i+0.5)/valid_H)``, size ``0.05 * 2**l``; it
-    is invalid on padding or when a coordinate leaves (0.01, 0.99).
-
-    Returns:
-        (memory with invalid tokens zeroed (B, S, C), proposals as logits (B, S, 4) with +inf where invalid).
-    """
-    batch = memory.shape[0]
-    proposals = []
-    start = 0
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        level_mask = padding_mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~level_mask[:, :, 0]).sum(1)
-        valid_w = (~level_mask[:, 0, :]).sum(1)
-        ys = torch.arange(h, device=memory.device, dtype=torch.float32)
-        xs = torch.arange(w, device=memory.device, dtype=torch.float32)
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack([x, y], -1)[None] + 0.5
-        scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
-        centres = grid / scale
-        sizes = torch.full_like(centres, 0.05 * 2.0**level)
-        proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
-        start += h * w
-    proposals = torch.cat(proposals, 1)
-    usable = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True) & ~padding_mask[..., None]
-    proposals = torch.log(proposals / (1 - proposals)).masked_fill(~usable, float("inf"))
-    return memory.masked_fill(~usable, 0.0), proposals
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -245,17 +189,13 @@ class FocusEncoder(nn.Module):
                 f"expected {self.level_embed.shape[0]} levels of features, masks and positions, got "
                 f"{len(features)}, {len(masks)}, {len(pos_embeds)}"
             )
-        src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
-        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-        pos = torch.cat(
-            [p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos_embeds)], 1
+        src, padding_mask, pos, spatial_shapes, level_start_index, ratios = flatten_levels(
+            list(features), list(masks), list(pos_embeds), self.level_embed
         )
-        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=src.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-        ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         reference_points = encoder_reference_points(spatial_shapes, ratios)
 
-        selector_tokens, _ = encoder_output_proposals(src + pos, padding_mask, spatial_shapes)
+        # The selector sees the tokens the two-stage proposals see: masked where a proposal is unusable, projected.
+        selector_tokens, _ = encoder_proposals(src + pos, padding_mask, spatial_shapes)
         selector_tokens = self.input_norm(self.input_proj(selector_tokens))
         foreground_logits = self.selector(selector_tokens, spatial_shapes, level_start_index)
         indices, ranked_scores, counts = cascade_token_indices(

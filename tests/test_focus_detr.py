@@ -6,11 +6,12 @@ import timm
 import torch
 from torch import nn
 
+from dat_smt.adapters import encoder_reference_points
 from dat_smt.adapters.focus_detr_convert import (
     convert_detectron2_resnet_state_dict,
     convert_focus_encoder_state_dict,
 )
-from dat_smt.adapters.focus_detr_encoder import FocusEncoder, encoder_reference_points
+from dat_smt.adapters.focus_detr_encoder import FocusEncoder
 from dat_smt.adapters.focus_detr_selector import (
     ForegroundTokenSelector,
     cascade_token_indices,

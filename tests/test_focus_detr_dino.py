@@ -3,13 +3,12 @@ import pytest
 import torch
 from torch import nn
 
+from dat_smt.adapters import MLP, inverse_sigmoid
 from dat_smt.adapters.focus_detr_dino import (
-    MLP,
     ContrastiveDenoising,
     DinoDecoder,
     denoising_attention_mask,
     denoising_match_indices,
-    inverse_sigmoid,
     look_forward_twice_boxes,
     select_queries,
     sine_box_embedding,
