@@ -23,6 +23,7 @@ from .deformable_detr import (
     flatten_levels,
 )
 from .detector import DetrDetector
+from .focus_detr import FocusCriterion, FocusDETR, focus_detr_weight_dict
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine, box_sine_embedding
 from .registry import create_detector, list_detectors, register_detector
@@ -46,6 +47,8 @@ __all__ = [
     "DeformableDETR",
     "DeformableTransformer",
     "DetrDetector",
+    "FocusCriterion",
+    "FocusDETR",
     "HungarianMatcher",
     "PositionEmbeddingSine",
     "SMCADETR",
@@ -66,6 +69,7 @@ __all__ = [
     "encoder_proposals",
     "encoder_reference_points",
     "evaluate_coco",
+    "focus_detr_weight_dict",
     "flatten_levels",
     "inverse_sigmoid",
     "list_detectors",

@@ -35,6 +35,12 @@ CASES: List[Dict[str, Any]] = [
         "options": dict(backbone="resnet50", num_classes=91, num_queries=300, dynamic_scale="type3"),
         "baseline": "deformable_detr_ms_refine_r50",
     },
+    {
+        # Token selection vs keep ratio 1.0 (encoder FLOPs, wall clock): benchmarks/detectors_focus_detr.py.
+        "case": "focus_detr_r50",
+        "detector": "focus_detr",
+        "options": dict(backbone="resnet50", num_classes=80),
+    },
 ]
 
 
