@@ -190,14 +190,13 @@ def main(argv=None) -> None:
                                       model=model)
     train_set.transform = create_transform(**data_config, is_training=not args.no_aug)
     val_set.transform = create_transform(**data_config, is_training=False)
-    train_sampler = DistributedSampler(train_set, seed=args.seed) if world_size > 1 else None
-    val_sampler = DistributedSampler(val_set, shuffle=False) if world_size > 1 else None
     mixup_on = args.mixup > 0 or args.cutmix > 0
-    # Re-seeded every epoch so that a resumed run sees the same order as an uninterrupted one.
-    shuffle_generator = torch.Generator()
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-                              num_workers=args.workers, drop_last=mixup_on,
-                              generator=shuffle_generator)
+    # A DistributedSampler in single-process runs too: N processes then see exactly the global batches of one.
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed,
+                                       drop_last=mixup_on)
+    val_sampler = DistributedSampler(val_set, shuffle=False) if world_size > 1 else None
+    train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.workers,
+                              drop_last=mixup_on)
     val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, num_workers=args.workers)
 
     optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -239,9 +238,7 @@ def main(argv=None) -> None:
     if is_main:
         args.output.mkdir(parents=True, exist_ok=True)
     for epoch in range(start_epoch, num_epochs):
-        shuffle_generator.manual_seed(args.seed + epoch)
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
         train_model.train()
         loss_sum = sample_count = 0.0
         num_updates = epoch * updates_per_epoch
