@@ -100,8 +100,8 @@ def test_classification_torchrun_matches_single_process(cls_data, tmp_path):
     # LayerNorm model (no BatchNorm), no augmentation, SGD (Adam would amplify float noise in near-zero
     # gradients): 2 ranks x 8 images == 1 process x 16 images.
     args = ["--data", cls_data, "--epochs", 1, "--model", "test_vit", "--img-size", "64", "--model-kwargs",
-            "img_size=64", "--workers", 0, "--no-progress", "--warmup-epochs", 0, "--opt", "sgd", "--lr", "0.1", "--weight-decay", 0, "--smoothing", 0,
-            "--no-aug"]
+            "img_size=64", "--workers", 0, "--no-progress", "--warmup-epochs", 0, "--opt", "sgd", "--lr", "0.1",
+            "--weight-decay", 0, "--smoothing", 0, "--no-aug"]
     run("finetune_classification.py", *args, "--batch-size", 16, "--output", tmp_path / "single")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(EXAMPLES / "finetune_classification.py"), *map(str, args), "--batch-size", "8",
