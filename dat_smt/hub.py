@@ -131,7 +131,8 @@ def count_complexity(model: nn.Module, input_size: Tuple[int, int, int]) -> Dict
         model(torch.randn(1, *input_size))
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
-    return {"params_m": round(params / 1e6, 2), "gmacs": round(counter.get_total_flops() / 2e9, 2)}
+    macs = counter.get_total_flops() // 2
+    return {"params_m": round(params / 1e6, 2), "gmacs": round(macs / 1e9, 3), "macs": macs}
 
 
 def hub_config(model: nn.Module, complexity: Mapping[str, float] | None = None) -> Dict[str, Any]:
@@ -347,7 +348,8 @@ def convert_checkpoint(
 def _variant_hint(state_dict: Mapping[str, torch.Tensor], model_name: str) -> str:
     arch = split_model_name_tag(model_name)[0]
     try:
-        best, score = closest_variant(state_dict)
+        siblings = timm.list_models(module=_family(arch))
+        best, score = closest_variant(state_dict, sorted(set(zoo_models()) | set(siblings)))
     except Exception:
         return ""
     if best and best != arch and score > 0.5:
