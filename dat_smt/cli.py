@@ -56,7 +56,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     required = ("config.json", "model.safetensors", "README.md")
     missing = [f for f in required if not (folder / f).is_file()]
     if missing:
-        raise SystemExit(f"{folder} is not a repo folder made by `dat-smt convert`: missing {', '.join(missing)}")
+        raise ValueError(f"{folder} is not a repo folder made by `dat-smt convert`: missing {', '.join(missing)}")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     visibility = "private" if args.private else "public"
     print(f"{'would upload' if args.dry_run else 'uploading'} to {args.repo_id} ({visibility}):")
