@@ -192,3 +192,43 @@ def test_model_card_and_config(converted):
     card = (folder / "README.md").read_text()
     assert "library_name: timm" in card and "features_only=True" in card and REPO in card
     assert timm.get_pretrained_cfg("hubstandin_tiny.in1k").url in card
+
+
+def synthetic_official_checkpoint(manifest: dict, seed: int = 0) -> dict:
+    """An official-format checkpoint with the manifest's keys, shapes and dtypes and random values."""
+    generator = torch.Generator().manual_seed(seed)
+    model = {}
+    for key, shape, dtype in manifest["state_dict"]:
+        if dtype.startswith("float"):
+            model[key] = torch.randn(shape, generator=generator)
+        else:  # index tables and counters: the models rebuild or ignore them
+            model[key] = torch.zeros(shape, dtype=getattr(torch, dtype))
+    return {"model": model, "epoch": 299}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,manifest_name", [("dat_tiny", "dat_v1_tiny"), ("smt_tiny", "smt_tiny")])
+def test_url_path_converts_real_variant_on_the_fly(model_name, manifest_name, reference_dir, tmp_path):
+    """timm downloads the official file from the cfg ``url`` and converts it through the family's filter."""
+    if not timm.is_model(model_name):
+        pytest.skip(f"{model_name} is not registered yet")
+    import json
+
+    manifest = json.loads((reference_dir / "manifests" / f"{manifest_name}.json").read_text())
+    official = tmp_path / f"{model_name}_official.pth"
+    checkpoint = synthetic_official_checkpoint(manifest)
+    torch.save(checkpoint, official)
+    buffers = set(manifest["buffer_keys"])
+    # the conversion only renames and reshapes, so the multiset of parameter values is preserved
+    expected = torch.sort(torch.cat([v.flatten() for k, v in checkpoint["model"].items() if k not in buffers]))[0]
+    torch.save(expected, tmp_path / "expected.pt")
+    del checkpoint
+    with HubServer() as server:
+        server.files[f"/official/{official.name}"] = official
+        run_py(f"""
+            url = {server.url!r} + '/official/{official.name}'
+            model = hub.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(url=url))
+            values = torch.sort(torch.cat([p.detach().flatten() for p in model.parameters()]))[0]
+            assert torch.equal(values, torch.load({str(tmp_path / 'expected.pt')!r})), 'parameter values differ'
+            assert model(torch.randn(1, *model.pretrained_cfg['input_size'])).shape == (1, 1000)
+        """, tmp_path, server.url)
