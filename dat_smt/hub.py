@@ -417,7 +417,12 @@ _NETWORK_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError"
 _CORRUPT_ERRORS = ("SafetensorError", "UnpicklingError", "EOFError", "HeaderTooLarge", "HeaderTooSmall")
 
 
-def _explain_load_failure(model_name: str, kwargs: Mapping[str, Any], error: BaseException) -> BaseException:
+def _explain_load_failure(
+        model_name: str,
+        kwargs: Mapping[str, Any],
+        error: BaseException,
+        owned_file: Path | None = None,
+) -> BaseException:
     cfg = _resolved_cfg(model_name, kwargs)
     hub_url = f"https://huggingface.co/{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else None
     where = cfg.get("file") or hub_url or cfg.get("url")
@@ -440,7 +445,7 @@ def _explain_load_failure(model_name: str, kwargs: Mapping[str, Any], error: Bas
     if _caused_by(error, _CORRUPT_ERRORS) or (
             isinstance(error, RuntimeError) and not mismatch and local is not None and local.is_file()):
         removed = ""
-        if local is not None and local.is_file() and not cfg.get("file"):
+        if local is not None and local.is_file() and (not cfg.get("file") or local == owned_file):
             local.unlink()  # a corrupt cached download must not shadow a fresh one
             removed = " The corrupt cached copy was removed; try again to download it afresh."
         return PretrainedWeightsError(
@@ -458,23 +463,47 @@ def _explain_load_failure(model_name: str, kwargs: Mapping[str, Any], error: Bas
     return error
 
 
+def _fetch_unnamed_url(model_name: str, cfg: Mapping[str, Any], cache_dir: str | None) -> Path:
+    """Downloads a release link whose path has no file name (cloud-drive share links) to ``<arch>.<tag>.pth``.
+
+    timm caches ``url`` downloads under the url's last path component, which such links lack. The download uses
+    ``torch.hub.download_url_to_file``: a temporary ``.partial`` file, moved into place only when complete.
+    """
+    model_dir = Path(cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints"))
+    target = model_dir / f"{cfg.get('architecture') or model_name}.{cfg.get('tag') or 'default'}.pth"
+    if not target.is_file():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(cfg["url"], str(target), progress=False)
+    return target
+
+
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with clear errors for unknown names and for weights that are missing, corrupt or wrong.
 
     Arguments are those of ``timm.create_model``; the weights are loaded by timm itself (strictly, through the
     family's ``checkpoint_filter_fn``). Failures raise :class:`PretrainedWeightsError` (or ``ValueError`` for an
-    unknown model name) with the original exception chained.
+    unknown model name) with the original exception chained. Official release links without a file name are
+    downloaded to the torch hub cache first (timm could not name the cached file).
     """
     if not model_name.startswith(_HUB_PREFIXES) and not is_model(split_model_name_tag(model_name)[0]):
         raise ValueError(_unknown_model_message(model_name))
+    fetched = None
     try:
+        if pretrained and not model_name.startswith(_HUB_PREFIXES):
+            cfg = _resolved_cfg(model_name, kwargs)
+            url = cfg.get("url")
+            if url and not any(cfg.get(k) for k in ("file", "state_dict", "hf_hub_id")) and \
+                    not os.path.basename(urllib.parse.urlparse(url).path):
+                fetched = _fetch_unnamed_url(model_name, cfg, kwargs.get("cache_dir"))
+                kwargs = dict(kwargs, pretrained_cfg_overlay=dict(kwargs.get("pretrained_cfg_overlay") or {},
+                                                                  file=str(fetched)))
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except Exception as e:
         if not pretrained:
             raise
         if isinstance(e, RuntimeError) and str(e).startswith("Unknown model"):
             raise ValueError(f"{e}. {_unknown_model_message(str(e).split('(')[-1].rstrip(')'))}") from e
-        explained = _explain_load_failure(model_name, kwargs, e)
+        explained = _explain_load_failure(model_name, kwargs, e, owned_file=fetched)
         if explained is e:
             raise
         raise explained from e

@@ -42,6 +42,7 @@ def hub_server(converted):
             server.files[f"/official/{variant}.pth"] = official
             server.files[f"/truncated/{variant}.pth"] = official
             server.truncated.add(f"/truncated/{variant}.pth")
+            server.files[f"/f/{variant}/"] = official  # a cloud-drive share link: no file name in the path
         yield server
 
 
@@ -232,3 +233,23 @@ def test_url_path_converts_real_variant_on_the_fly(model_name, manifest_name, re
             assert torch.equal(values, torch.load({str(tmp_path / 'expected.pt')!r})), 'parameter values differ'
             assert model(torch.randn(1, *model.pretrained_cfg['input_size'])).shape == (1, 1000)
         """, tmp_path, server.url)
+
+
+def test_url_without_network_says_how_to_load_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(hub.PretrainedWeightsError) as info:
+        hub.create_model("hubstandin_tiny", pretrained=True)  # the cfg url points at a closed port
+    message = str(info.value)
+    assert "no network" in message and "pretrained_cfg_overlay=dict(file=" in message
+    assert timm.get_pretrained_cfg("hubstandin_tiny.in1k").url in message
+    cache = tmp_path / "hub" / "checkpoints"
+    assert not cache.exists() or not any(cache.iterdir()), "a failed download left a file in the cache"
+
+
+def test_share_link_without_file_name_downloads_and_converts(converted, hub_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    link = f"{hub_server.url}/f/hubstandin_tiny/?dl=1"
+    model = hub.create_model("hubstandin_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=link))
+    reference = load_file(str(converted["hubstandin_tiny"][1] / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert sorted(p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()) == ["hubstandin_tiny.in1k.pth"]
