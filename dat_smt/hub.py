@@ -161,7 +161,7 @@ def _weight_source(cfg: Mapping[str, Any]) -> str:
     if cfg.get("hf_hub_id"):
         return f"Hugging Face Hub `{cfg['hf_hub_id']}`"
     if cfg.get("url"):
-        return f"official release file {cfg['url']}, converted on the fly by `checkpoint_filter_fn`"
+        return f"official release {cfg['url']}, converted by the family's `checkpoint_filter_fn`"
     return "none (random initialisation)"
 
 
@@ -184,8 +184,7 @@ def model_card(model_name: str, config: Mapping[str, Any], source_cfg: Mapping[s
         ("ImageNet-1k top-1 (paper)", f"{top1}" if top1 is not None else "n/a"),
         ("Classes", config["num_classes"]),
         ("Image size", f"{size[1]}x{size[2]}, crop_pct {pcfg.get('crop_pct')}, {pcfg.get('interpolation')}"),
-        ("Weights", "converted from " + _weight_source(source_cfg) if source_cfg.get("url") else
-         _weight_source(source_cfg)),
+        ("Weights", _weight_source(source_cfg)),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     license_ = pcfg.get("license", "other")
