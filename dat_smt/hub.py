@@ -413,6 +413,7 @@ def _caused_by(error: BaseException, names: Tuple[str, ...]) -> BaseException | 
 
 _NETWORK_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError", "ConnectionError", "ConnectError",
                    "ConnectTimeout", "TimeoutException", "socket.gaierror", "gaierror")
+_INCOMPLETE_ERRORS = ("RemoteProtocolError", "IncompleteRead", "ChunkedEncodingError", "ReadError")
 _CORRUPT_ERRORS = ("SafetensorError", "UnpicklingError", "EOFError", "HeaderTooLarge", "HeaderTooSmall")
 
 
@@ -434,6 +435,10 @@ def _explain_load_failure(
             f"dat-smt publishes its weights under https://huggingface.co/{HF_HUB_ORG}; `dat-smt list` shows them.")
     if _caused_by(error, ("RevisionNotFoundError", "RemoteEntryNotFoundError")):
         return PretrainedWeightsError(f"Hub repo {cfg.get('hf_hub_id')!r} has no weights for {model_name!r}: {error}")
+    if "Consistency check failed" in str(error) or _caused_by(error, _INCOMPLETE_ERRORS):
+        return PretrainedWeightsError(
+            f"The download of the weights for {model_name!r} from {where} was incomplete (the connection dropped); "
+            f"nothing was added to the cache, so trying again starts afresh. {how}")
     if _caused_by(error, _NETWORK_ERRORS) or isinstance(error, (ConnectionError, TimeoutError)):
         return PretrainedWeightsError(
             f"Cannot download pretrained weights for {model_name!r}: no network (or offline mode is on) and no "

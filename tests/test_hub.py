@@ -38,6 +38,8 @@ def converted(tmp_path_factory):
 def hub_server(converted):
     with HubServer() as server:
         server.repos[REPO] = converted["hubstandin_tiny"][1]
+        server.repos[REPO + "_truncated"] = converted["hubstandin_tiny"][1]
+        server.truncated.add(f"/{REPO}_truncated/resolve/main/model.safetensors")
         for variant, (official, _, _) in converted.items():
             server.files[f"/official/{variant}.pth"] = official
             server.files[f"/truncated/{variant}.pth"] = official
@@ -133,6 +135,7 @@ def test_url_conversion_on_the_fly_and_errors(converted, hub_server, tmp_path):
     broken = f"{hub_server.url}/truncated/hubstandin_tiny.pth"
     run_py(f"""
         import os
+        from pathlib import Path
         ref = load_file({str(folder / 'model.safetensors')!r})
         m = hub.create_model('hubstandin_tiny', pretrained=True, pretrained_cfg_overlay=dict(url={url!r}))
         assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items())
@@ -153,6 +156,14 @@ def test_url_conversion_on_the_fly_and_errors(converted, hub_server, tmp_path):
             assert '`hubstandin_small`' in str(e), e
         else:
             raise AssertionError('checkpoint of another variant loaded')
+        try:
+            hub.create_model('hf-hub:{REPO}_truncated', pretrained=True)
+        except hub.PretrainedWeightsError as e:
+            assert 'incomplete' in str(e), e
+        else:
+            raise AssertionError('truncated Hub download loaded')
+        snapshots = list((Path(os.environ['HF_HOME']) / 'hub').rglob('snapshots/*/model.safetensors'))
+        assert snapshots == [], snapshots
         print('ok')
     """, tmp_path, hub_server.url)
 
