@@ -41,7 +41,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Converts an official checkpoint into a Hub repo folder and prints a summary."""
-    summary = hub.convert_checkpoint(args.model, args.checkpoint, args.out_dir, complexity=not args.no_complexity)
+    model_kwargs = json.loads(args.model_args) if args.model_args else None
+    summary = hub.convert_checkpoint(args.model, args.checkpoint, args.out_dir, complexity=not args.no_complexity,
+                                     model_kwargs=model_kwargs)
     print(f"converted {summary['model']} -> {summary['out_dir']}")
     print(f"  params: {summary['params_m']} M, GMACs: {summary['gmacs']}")
     print(f"  reload + forward: max abs diff {summary['reload_max_abs_diff']}")
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="official checkpoint (.pth) or .safetensors")
     p.add_argument("out_dir")
     p.add_argument("--no-complexity", action="store_true", help="skip counting GMACs")
+    p.add_argument("--model-args", help="JSON dict of architecture overrides, recorded in config.json")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("push", help="upload a repo folder to the Hugging Face Hub")

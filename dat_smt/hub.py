@@ -305,14 +305,18 @@ def convert_checkpoint(
         checkpoint: Union[str, Path],
         out_dir: Union[str, Path],
         complexity: bool = True,
+        model_kwargs: Mapping[str, Any] | None = None,
 ) -> Dict[str, Any]:
     """Converts an official checkpoint strictly into a Hub repo folder and verifies it by reloading and a forward.
 
-    Returns a summary (model, files with sizes, parameter count, GMACs, max abs difference after reload).
+    ``model_kwargs`` (architecture overrides such as a smaller width) are recorded in ``config.json`` as timm's
+    ``model_args``, so ``hf-hub:`` rebuilds the same model. Returns a summary (model, files with sizes, parameter
+    count, GMACs, max abs difference after reload).
     """
+    model_kwargs = dict(model_kwargs or {})
     if not is_model(split_model_name_tag(model_name)[0]):
         raise ValueError(_unknown_model_message(model_name))
-    model = timm.create_model(model_name, pretrained=False).eval()
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
     raw = unwrap_state_dict(load_checkpoint(checkpoint))
     filter_fn = _filter_fn(model_name)
     try:
@@ -328,6 +332,7 @@ def convert_checkpoint(
 
     reloaded = timm.create_model(
         model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out_dir / "model.safetensors")),
+        **model_kwargs,
     ).eval()
     x = torch.randn(1, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -31,6 +31,11 @@ def converted(tmp_path_factory):
         torch.save(official_checkpoint(variant, seed=len(variant)), official)
         summary = hub.convert_checkpoint(f"{variant}.in1k", official, root / f"{variant}.in1k")
         out[variant] = (official, Path(summary["out_dir"]), summary)
+    narrow = root / "narrow.pth"
+    torch.save(official_checkpoint("hubstandin_tiny", dims=(4, 8, 12, 16)), narrow)
+    summary = hub.convert_checkpoint("hubstandin_tiny.in1k", narrow, root / "narrow",
+                                     model_kwargs=dict(dims=(4, 8, 12, 16)))
+    out["narrow"] = (narrow, Path(summary["out_dir"]), summary)
     return out
 
 
@@ -38,6 +43,7 @@ def converted(tmp_path_factory):
 def hub_server(converted):
     with HubServer() as server:
         server.repos[REPO] = converted["hubstandin_tiny"][1]
+        server.repos[REPO + "_narrow"] = converted["narrow"][1]
         server.repos[REPO + "_truncated"] = converted["hubstandin_tiny"][1]
         server.truncated.add(f"/{REPO}_truncated/resolve/main/model.safetensors")
         for variant, (official, _, _) in converted.items():
@@ -106,6 +112,10 @@ def test_hub_download_adaptation_and_offline(converted, hub_server, tmp_path):
     """
     home = tmp_path
     run_py(checks + f"""
+        narrow = timm.create_model('hf-hub:{REPO}_narrow', pretrained=True)  # model_args from config.json
+        ref_narrow = load_file({str(converted['narrow'][1] / 'model.safetensors')!r})
+        assert narrow.num_features == 16
+        assert all(torch.equal(narrow.state_dict()[k], v) for k, v in ref_narrow.items())
         try:
             hub.create_model('hf-hub:{hub.HF_HUB_ORG}/no_such_repo', pretrained=True)
         except hub.PretrainedWeightsError as e:

@@ -93,10 +93,10 @@ def hubstandin_small(pretrained=False, **kwargs):
     return _create("hubstandin_small", pretrained, **dict(dict(dims=(8, 16, 32, 48)), **kwargs))
 
 
-def official_checkpoint(variant: str, seed: int = 0) -> dict:
+def official_checkpoint(variant: str, seed: int = 0, **model_kwargs) -> dict:
     """A training-script style checkpoint (``{'model': <official keys>, 'epoch': ...}``) with random weights."""
     torch.manual_seed(seed)
-    sd = timm.create_model(variant).state_dict()
+    sd = timm.create_model(variant, **model_kwargs).state_dict()
     official = {}
     for k, v in sd.items():
         k = re.sub(r"^stem\.", "patch.", k)
