@@ -25,12 +25,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._checkpoint import check_state_dict, load_checkpoint, unwrap_state_dict
 
 __all__ = [
-    "HF_HUB_ORG", "PretrainedWeightsError", "hub_repo_id", "zoo_models", "released_variants", "count_complexity",
-    "hub_config", "model_card", "write_hub_folder", "convert_checkpoint", "closest_variant", "create_model",
+    "HF_HUB_ORG", "PUBLISHED_WEIGHTS", "PretrainedWeightsError", "hub_repo_id", "hf_hub_cfg", "zoo_models",
+    "released_variants", "paper_top1", "count_complexity", "hub_config", "model_card", "write_hub_folder",
+    "convert_checkpoint", "closest_variant", "create_model",
 ]
 
 HF_HUB_ORG = "dat-smt"
 """The Hugging Face Hub organisation that hosts the project's converted weights (``<org>/<arch>.<tag>``)."""
+
+PUBLISHED_WEIGHTS: frozenset = frozenset()
+"""``arch.tag`` names whose converted weights are published under :data:`HF_HUB_ORG` (see :func:`hf_hub_cfg`)."""
 
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
@@ -82,6 +86,16 @@ class PretrainedWeightsError(RuntimeError):
 def hub_repo_id(pretrained_name: str, org: str = HF_HUB_ORG) -> str:
     """Hub repo id of a pretrained variant: ``'dat_tiny.in1k'`` -> ``'dat-smt/dat_tiny.in1k'``."""
     return f"{org}/{pretrained_name}"
+
+
+def hf_hub_cfg(pretrained_name: str) -> Dict[str, str]:
+    """Pretrained-cfg entries for the project's Hub copy of ``pretrained_name``, for the families' ``default_cfgs``.
+
+    ``{'hf_hub_id': '<org>/<arch>.<tag>'}`` once the name is in :data:`PUBLISHED_WEIGHTS`, else ``{}`` so that
+    ``pretrained=True`` keeps using the cfg's official ``url`` (timm prefers ``hf_hub_id`` over ``url``, and a
+    missing repo would not fall back). Usage: ``_cfg(url=OFFICIAL_URL, **hf_hub_cfg('dat_tiny.in1k'))``.
+    """
+    return {"hf_hub_id": hub_repo_id(pretrained_name)} if pretrained_name in PUBLISHED_WEIGHTS else {}
 
 
 def _family(model_name: str) -> str:

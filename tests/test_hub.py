@@ -274,3 +274,9 @@ def test_share_link_without_file_name_downloads_and_converts(converted, hub_serv
     reference = load_file(str(converted["hubstandin_tiny"][1] / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     assert sorted(p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()) == ["hubstandin_tiny.in1k.pth"]
+
+
+def test_hf_hub_cfg_only_for_published_weights(monkeypatch):
+    assert hub.hf_hub_cfg("dat_tiny.in1k") == {}
+    monkeypatch.setattr(hub, "PUBLISHED_WEIGHTS", frozenset({"dat_tiny.in1k"}))
+    assert hub.hf_hub_cfg("dat_tiny.in1k") == {"hf_hub_id": f"{hub.HF_HUB_ORG}/dat_tiny.in1k"}
