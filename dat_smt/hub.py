@@ -431,7 +431,7 @@ def _caused_by(error: BaseException, names: Tuple[str, ...]) -> BaseException | 
 
 
 _NETWORK_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError", "ConnectionError", "ConnectError",
-                   "ConnectTimeout", "TimeoutException", "socket.gaierror", "gaierror")
+                   "ConnectTimeout", "TimeoutException", "gaierror")
 _INCOMPLETE_ERRORS = ("RemoteProtocolError", "IncompleteRead", "ChunkedEncodingError", "ReadError")
 _CORRUPT_ERRORS = ("SafetensorError", "UnpicklingError", "EOFError", "HeaderTooLarge", "HeaderTooSmall")
 
@@ -469,7 +469,10 @@ def _explain_load_failure(
             isinstance(error, RuntimeError) and not mismatch and local is not None and local.is_file()):
         removed = ""
         if local is not None and local.is_file() and (not cfg.get("file") or local == owned_file):
+            blob = local.resolve()  # the Hub cache links snapshots to blobs: drop both, or the blob is re-linked
             local.unlink()  # a corrupt cached download must not shadow a fresh one
+            if blob != local.absolute() and blob.is_file():
+                blob.unlink()
             removed = " The corrupt cached copy was removed; try again to download it afresh."
         return PretrainedWeightsError(
             f"Pretrained weights for {model_name!r} at {local or where} are corrupt or truncated "

@@ -174,6 +174,17 @@ def test_url_conversion_on_the_fly_and_errors(converted, hub_server, tmp_path):
             raise AssertionError('truncated Hub download loaded')
         snapshots = list((Path(os.environ['HF_HOME']) / 'hub').rglob('snapshots/*/model.safetensors'))
         assert snapshots == [], snapshots
+        timm.create_model('hf-hub:{REPO}', pretrained=True)
+        cached = next((Path(os.environ['HF_HOME']) / 'hub').rglob('snapshots/*/model.safetensors')).resolve()
+        cached.write_bytes(cached.read_bytes()[:500])  # a cache damaged after the download
+        try:
+            hub.create_model('hf-hub:{REPO}', pretrained=True)
+        except hub.PretrainedWeightsError as e:
+            assert 'corrupt or truncated' in str(e) and 'removed' in str(e), e
+        else:
+            raise AssertionError('corrupt cached Hub file loaded')
+        model = hub.create_model('hf-hub:{REPO}', pretrained=True)  # downloaded afresh
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
         print('ok')
     """, tmp_path, hub_server.url)
 
