@@ -153,6 +153,7 @@ def hub_config(model: nn.Module, complexity: Mapping[str, float] | None = None) 
     """timm's Hub ``config.json`` for ``model`` (``save_config_for_hf``), plus the cached complexity and top-1."""
     import tempfile
 
+    # timm exports only save_for_hf, which also writes the weights; the config half is not re-exported
     from timm.models._hub import save_config_for_hf
 
     with tempfile.TemporaryDirectory() as tmp:
