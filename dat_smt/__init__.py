@@ -2,9 +2,20 @@
 
 Importing the package registers every model of the zoo with timm, so ``timm.create_model('dat_tiny')`` works.
 """
-from . import _checkpoint, ops  # noqa: F401  (_checkpoint allow-lists the official yacs configs)
+from typing import List
+
+import timm
+from timm.models import get_arch_name, model_entrypoint
+
+from . import _checkpoint, dat, ops  # noqa: F401  (_checkpoint allow-lists the official yacs configs)
 from .hub import create_model  # also makes dat_smt.hub available
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["list_models", "ops", "__version__"]
 __all__ += ["hub", "create_model"]
+
+
+def list_models(pattern: str = "") -> List[str]:
+    """Names of the timm models registered by dat-smt, optionally filtered by a glob ``pattern``."""
+    names = timm.list_models(pattern or "*")
+    return [n for n in names if model_entrypoint(get_arch_name(n)).__module__.startswith(__name__ + ".")]

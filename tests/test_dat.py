@@ -1,0 +1,135 @@
+"""DAT / DAT++: parity with the official reference fixtures, checkpoint conversion, any-size features, errors."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import dat_smt  # noqa: F401  (registers the models)
+from dat_smt.dat import DAT, checkpoint_filter_fn
+
+VARIANTS = {
+    "dat_tiny": "dat_v1_tiny", "dat_small": "dat_v1_small", "dat_base": "dat_v1_base",
+    "dat_base_384": "dat_v1_base_384", "dat_pp_tiny": "dat_pp_tiny", "dat_pp_small": "dat_pp_small",
+    "dat_pp_base": "dat_pp_base", "dat_pp_base_384": "dat_pp_base_384",
+}
+
+
+def _fixture(reference_dir, name):
+    meta = json.loads((reference_dir / "fixtures" / f"{name}.json").read_text())
+    tensors = load_file(reference_dir / "fixtures" / f"{name}.safetensors")
+    official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return meta, tensors, official
+
+
+@pytest.mark.parametrize("name", ["dat_v1_small", "dat_pp_small"])
+def test_reference_fixture_parity(reference_dir, name):
+    meta, tensors, official = _fixture(reference_dir, name)
+    model = DAT(**meta["constructor_kwargs"]).eval()
+    model.load_state_dict(checkpoint_filter_fn({"model": official, "optimizer": {}, "epoch": 3}, model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
+        stages = model.forward_intermediates(tensors["input"], intermediates_only=True)
+    for i, stage in enumerate(stages):
+        torch.testing.assert_close(stage, tensors[f"stage{i}"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", list(VARIANTS))
+def test_manifest_state_dict_converts_strictly(reference_dir, model_name):
+    manifest = json.loads((reference_dir / "manifests" / f"{VARIANTS[model_name]}.json").read_text())
+    with torch.device("meta"):
+        model = timm.create_model(model_name)
+    assert sum(p.numel() for p in model.parameters()) == manifest["total_params"]
+    official = {key: torch.empty(shape, device="meta") for key, shape, _ in manifest["state_dict"]}
+    converted = checkpoint_filter_fn({"model": official}, model)
+    model.load_state_dict(converted, strict=True, assign=True)
+    dense = {f"backbone.{k}": v for k, v in official.items() if not k.startswith(("cls_head", "cls_norm"))}
+    dense.update({f"backbone.norms.{i}.norm.weight": torch.empty(1, device="meta") for i in range(4)})
+    with torch.device("meta"):
+        backbone = timm.create_model(model_name, num_classes=0)
+    backbone.norm = torch.nn.Identity()
+    backbone.load_state_dict(checkpoint_filter_fn({"state_dict": dense}, backbone), strict=True, assign=True)
+
+
+def test_bad_checkpoint_lists_keys(reference_dir):
+    meta, _, official = _fixture(reference_dir, "dat_v1_small")
+    model = DAT(**meta["constructor_kwargs"])
+    broken = dict(official)
+    del broken["stages.2.attns.1.proj_q.weight"]
+    broken["stages.0.attns.0.extra"] = torch.zeros(1)
+    broken["cls_head.weight"] = torch.zeros(3, 128)
+    with pytest.raises(ValueError) as info:
+        checkpoint_filter_fn({"model": broken}, model)
+    message = str(info.value)
+    assert "stages.2.blocks.1.attn.proj_q.weight" in message
+    assert "stages.0.blocks.0.attn.extra" in message
+    assert "head.weight: (3, 128)" in message
+
+
+def test_rpe_tables_of_another_resolution_are_resized(reference_dir):
+    meta, _, official = _fixture(reference_dir, "dat_pp_small")
+    model = DAT(**dict(meta["constructor_kwargs"], img_size=192))
+    converted = checkpoint_filter_fn(official, model)
+    assert converted["stages.0.blocks.1.attn.rpe_table"].shape == (1, 95, 95)
+    model.load_state_dict(converted)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_from_local_official_file(reference_dir, tmp_path, suffix):
+    meta, tensors, official = _fixture(reference_dir, "dat_pp_small")
+    path = tmp_path / f"official{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": official, "optimizer": {"state": {}}, "max_accuracy": 80.0, "epoch": 299}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in official.items()}, path)
+    model = timm.create_model(
+        "dat_pp_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=16),
+        **meta["constructor_kwargs"],
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
+@pytest.mark.parametrize("size", [(200, 333), (96, 160)])
+def test_features_only_any_size(model_name, size):
+    model = timm.create_model(model_name, features_only=True, out_indices=(1, 2, 3), pretrained=False,
+                              depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), dim_stem=32,
+                              heads=(1, 2, 4, 8), groups=(1, 1, 2, 4)).eval()
+    assert model.feature_info.channels() == [64, 128, 256]
+    assert model.feature_info.reduction() == [8, 16, 32]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, *size))
+    for feature, stride, channels in zip(features, (8, 16, 32), (64, 128, 256)):
+        assert feature.shape == (1, channels, -(-size[0] // stride), -(-size[1] // stride))
+        assert torch.isfinite(feature).all()
+
+
+def test_v1_runs_at_another_size(reference_dir):
+    """A v1 model is not tied to its construction size (window masks and bias tables follow the input)."""
+    meta, tensors, official = _fixture(reference_dir, "dat_v1_small")
+    model = DAT(**meta["constructor_kwargs"]).eval()
+    model.load_state_dict(checkpoint_filter_fn(official, model))
+    with torch.no_grad():
+        first = model.forward_intermediates(tensors["input"][:, :, :32, :48], indices=[0], intermediates_only=True)
+    assert first[0].shape == (2, 16, 8, 12)
+
+
+@pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
+def test_bad_inputs_raise_clear_errors(model_name):
+    model = timm.create_model(model_name, depths=(1, 1, 1, 1)).eval()
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 3, H, W\)"):
+        model(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        model(torch.randn(1, 3, 16, 64))
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_in_chans_and_pretrained_cfg(in_chans):
+    model = timm.create_model("dat_pp_tiny", in_chans=in_chans, num_classes=7, depths=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, in_chans, 64, 64)).shape == (2, 7)
+    cfg = model.pretrained_cfg
+    assert cfg["first_conv"] == "stem.0" and cfg["classifier"] == "head"
+    assert cfg["url"].startswith("https://cloud.tsinghua.edu.cn/f/")
