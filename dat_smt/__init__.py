@@ -7,7 +7,8 @@ from typing import List
 import timm
 from timm.models import get_arch_name, model_entrypoint
 
-from . import _checkpoint, dat, ops  # noqa: F401  (_checkpoint allow-lists the official yacs configs)
+# _checkpoint allow-lists the official yacs configs; dat and smt register the models with timm
+from . import _checkpoint, dat, ops, smt  # noqa: F401
 from .hub import create_model  # also makes dat_smt.hub available
 
 __version__ = "0.1.0"

@@ -1,0 +1,254 @@
+"""SMT: parity with the official code (reference fixtures), official checkpoint formats, timm behaviour."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import dat_smt  # noqa: F401  (registers the models)
+from dat_smt.smt import SMT, checkpoint_filter_fn
+
+MANIFESTS = {
+    "smt_tiny": ("smt_tiny", {}),
+    "smt_small": ("smt_small", {}),
+    "smt_base": ("smt_base", {}),
+    "smt_large_224_22k": ("smt_large", {"num_classes": 21841}),
+    "smt_large_224_22kto1k": ("smt_large", {}),
+    "smt_large_384_22kto1k": ("smt_large_384", {}),
+}
+
+
+def _fixture(reference_dir, name):
+    meta = json.loads((reference_dir / "fixtures" / f"{name}.json").read_text())
+    tensors = load_file(str(reference_dir / "fixtures" / f"{name}.safetensors"))
+    official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    kwargs = meta["constructor_kwargs"]
+    model = SMT(
+        in_chans=kwargs["in_chans"], num_classes=kwargs["num_classes"], embed_dims=kwargs["embed_dims"],
+        ca_num_heads=kwargs["ca_num_heads"], sa_num_heads=kwargs["sa_num_heads"], mlp_ratios=kwargs["mlp_ratios"],
+        qkv_bias=kwargs["qkv_bias"], use_layerscale=kwargs["use_layerscale"],
+        layerscale_value=kwargs["layerscale_value"], depths=kwargs["depths"], ca_attentions=kwargs["ca_attentions"],
+        head_conv=kwargs["head_conv"], expand_ratio=kwargs["expand_ratio"],
+    ).eval()
+    return meta, tensors, official, model
+
+
+@pytest.mark.parametrize("name", ["smt_small", "smt_ls_small"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fixture_parity(reference_dir, name, fused):
+    meta, tensors, official, model = _fixture(reference_dir, name)
+    assert sum(p.numel() for p in model.parameters()) == meta["total_params"]
+    model.load_state_dict(checkpoint_filter_fn({"model": official}, model), strict=True)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    pre_norm = {}
+    hooks = [
+        getattr(model, f"norm{i + 1}").register_forward_pre_hook(
+            lambda mod, args, i=i: pre_norm.__setitem__(i, args[0]))
+        for i in range(4)
+    ]
+    with torch.no_grad():
+        logits = model(tensors["input"])
+        _, stages = model.forward_intermediates(tensors["input"])
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(logits, tensors["logits"], atol=1e-4, rtol=0)
+    for i in range(4):
+        ref = tensors[f"stage{i}"]
+        got = pre_norm[i].transpose(1, 2).reshape(ref.shape)
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(stages[i], tensors[f"stage{i}_normed"], atol=2e-4, rtol=1e-4)
+
+
+def test_fixture_interleaving_matters(reference_dir):
+    """The fixture must reject head-major MHMC concatenation, so the interleaved order is really tested."""
+    _, tensors, official, model = _fixture(reference_dir, "smt_small")
+    model.load_state_dict(checkpoint_filter_fn(official, model))
+    attn = model.block1[0].attn
+    original = attn.forward
+
+    def head_major(x, height, width):
+        batch, _, dim = x.shape
+        v = attn.v(x)
+        s = attn.s(x).transpose(1, 2).reshape(batch, dim, height, width).chunk(attn.num_heads, dim=1)
+        mixed = torch.cat([getattr(attn, f"local_conv_{i + 1}")(t) for i, t in enumerate(s)], dim=1)
+        modulator = attn.proj1(attn.act(attn.bn(attn.proj0(mixed))))
+        return attn.proj(modulator.flatten(2).transpose(1, 2) * v)
+
+    attn.forward = head_major
+    with torch.no_grad():
+        wrong = model(tensors["input"])
+    attn.forward = original
+    assert (wrong - tensors["logits"]).abs().max() > 1e-3
+
+
+def test_detection_naming_and_prefix(reference_dir):
+    _, tensors, official, model = _fixture(reference_dir, "smt_small")
+    renamed = {}
+    for key, value in official.items():
+        if key.startswith("head."):
+            continue
+        msa = key.startswith(("block3.1.", "block4.")) and ".attn.local_conv." in key
+        renamed["backbone." + (key.replace(".attn.local_conv.", ".attn.dw_conv.") if msa else key)] = value
+    backbone = SMT(**{k: v for k, v in _backbone_kwargs(reference_dir).items()}, num_classes=0).eval()
+    backbone.load_state_dict(checkpoint_filter_fn({"state_dict": renamed}, backbone), strict=True)
+    with torch.no_grad():
+        stages = backbone.forward_intermediates(tensors["input"], intermediates_only=True)
+    torch.testing.assert_close(stages[3], tensors["stage3_normed"], atol=2e-4, rtol=1e-4)
+
+
+def _backbone_kwargs(reference_dir):
+    kwargs = json.loads((reference_dir / "fixtures" / "smt_small.json").read_text())["constructor_kwargs"]
+    keep = ("embed_dims", "ca_num_heads", "sa_num_heads", "mlp_ratios", "depths", "ca_attentions", "head_conv")
+    return {k: kwargs[k] for k in keep}
+
+
+@pytest.mark.parametrize("manifest", sorted(MANIFESTS))
+def test_manifest_strict_load_and_param_count(reference_dir, manifest):
+    name, kwargs = MANIFESTS[manifest]
+    spec = json.loads((reference_dir / "manifests" / f"{manifest}.json").read_text())
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == spec["total_params"]
+    state_dict = {key: torch.empty(shape, device="meta") for key, shape, _ in spec["state_dict"]}
+    converted = checkpoint_filter_fn({"model": state_dict, "optimizer": {}, "epoch": 3}, model)
+    assert set(converted) == set(model.state_dict())
+
+
+def test_bad_checkpoints():
+    model = timm.create_model("smt_tiny", num_classes=10, depths=(1, 1, 2, 1))
+    good = model.state_dict()
+    missing = dict(good)
+    missing.pop("block3.1.attn.q.weight")
+    with pytest.raises(ValueError, match=r"missing \(1\): block3.1.attn.q.weight"):
+        checkpoint_filter_fn(missing, model)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): block9.0.extra"):
+        checkpoint_filter_fn({**good, "block9.0.extra": torch.zeros(1)}, model)
+    bad_shape = {**good, "norm4.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"shape mismatch \(1\): norm4.weight"):
+        checkpoint_filter_fn(bad_shape, model)
+
+
+def test_head_mapping_is_explicit():
+    small = dict(depths=(1, 1, 2, 1))
+    source = timm.create_model("smt_tiny", num_classes=30, **small)
+    target = timm.create_model("smt_tiny", num_classes=10, **small)
+    state_dict = source.state_dict()
+    with pytest.raises(ValueError, match="head_mapping"):
+        checkpoint_filter_fn(state_dict, target)
+    mapping = list(range(29, 9, -2))
+    mapped = checkpoint_filter_fn(state_dict, target, head_mapping=mapping)
+    torch.testing.assert_close(mapped["head.weight"], state_dict["head.weight"][mapping])
+    dropped = checkpoint_filter_fn(state_dict, target, head_mapping="drop")
+    assert torch.equal(dropped["head.weight"], target.head.weight)
+    with pytest.raises(ValueError, match="30"):
+        checkpoint_filter_fn(state_dict, target, head_mapping=[30] * 10)
+    headless = timm.create_model("smt_tiny", num_classes=0, **small)
+    headless.load_state_dict(checkpoint_filter_fn(state_dict, headless))
+
+
+def test_pretrained_file_overlay(tmp_path):
+    small = dict(depths=(1, 1, 2, 1))
+    source = timm.create_model("smt_tiny", **small).eval()
+    path = tmp_path / "smt_tiny.pth"
+    torch.save({"model": source.state_dict(), "epoch": 1, "max_accuracy": 80.0}, path)
+    loaded = timm.create_model("smt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **small)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), source(x))
+    # an explicit different num_classes drops the pretrained head the timm way
+    other = timm.create_model("smt_tiny", pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(path)), **small)
+    assert other.head.weight.shape == (7, 512)
+    torch.testing.assert_close(other.norm4.weight, source.norm4.weight)
+
+
+@pytest.mark.parametrize("size", [(200, 333), (97, 131), (64, 48)])
+def test_features_only_any_size(size):
+    model = timm.create_model("smt_tiny", features_only=True, depths=(1, 1, 2, 1), out_indices=(1, 2, 3)).eval()
+    assert model.feature_info.reduction() == [8, 16, 32]
+    assert model.feature_info.channels() == [128, 256, 512]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, *size))
+    # the stem's 2x2 stride-2 conv floors (as the official code does), every later downsampling rounds up
+    expected = tuple(((s + 1) // 2) // 2 for s in size)
+    for feature, channels in zip(features, (128, 256, 512)):
+        expected = tuple((s + 1) // 2 for s in expected)
+        assert feature.shape == (1, channels, *expected)
+
+
+def test_forward_intermediates_matches_forward_features():
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).eval()
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], intermediates[1])
+    model.prune_intermediate_layers([1])
+    assert model.num_stages == 2 and not hasattr(model, "block3")
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[-1], intermediates[1])
+
+
+def test_bad_inputs():
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="at least"):
+        model.forward_intermediates(torch.randn(1, 3, 2, 64))
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_in_chans_and_classifier(in_chans):
+    model = timm.create_model("smt_tiny", in_chans=in_chans, num_classes=5, depths=(1, 1, 2, 1),
+                              drop_path_rate=0.1)
+    out = model(torch.randn(2, in_chans, 64, 64))
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    features = model.forward_features(torch.randn(1, in_chans, 64, 64))
+    assert model.forward_head(features, pre_logits=True).shape == (1, 512)
+    model.reset_classifier(0, "")
+    assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_layerscale_and_stem_variants():
+    model = timm.create_model("smt_large", depths=(1, 1, 2, 1))
+    assert model.patch_embed1.conv[0].kernel_size == (7, 7)
+    assert model.block3[1].gamma_1.shape == (384,)
+    assert {"gamma_1", "gamma_2"} <= model.no_weight_decay()
+    assert model.patch_embed2.norm.eps == 1e-5 and model.block1[0].norm1.eps == 1e-6 and model.norm1.eps == 1e-6
+    kinds = [type(block.attn).__name__ for block in model.block3]
+    assert kinds == ["ScaleAwareModulation", "SelfAttention"]
+
+
+def test_default_cfgs():
+    cfgs = {name: timm.models.get_pretrained_cfg(name).to_dict() for name in timm.list_pretrained("smt_*")}
+    assert set(cfgs) == {
+        "smt_tiny.in1k", "smt_small.in1k", "smt_base.in1k", "smt_large.in22k", "smt_large.in22k_ft_in1k",
+        "smt_large_384.in22k_ft_in1k",
+    }
+    assert cfgs["smt_large.in22k"]["num_classes"] == 21841
+    assert cfgs["smt_large_384.in22k_ft_in1k"]["input_size"] == (3, 384, 384)
+    assert cfgs["smt_large_384.in22k_ft_in1k"]["crop_pct"] == 1.0
+    for cfg in cfgs.values():
+        assert cfg["url"].startswith("https://github.com/AFeng-x/SMT/releases/download/v1.0.0/smt_")
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1))
+    params = dict(model.named_parameters())
+    assert model.pretrained_cfg["first_conv"] + ".weight" in params
+    assert model.pretrained_cfg["classifier"] + ".weight" in params
+
+
+def test_trace_and_grad_checkpointing():
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+        torch.testing.assert_close(traced(x), model(x))
+    model.train().set_grad_checkpointing()
+    model(x).sum().backward()
+    assert model.block3[1].attn.q.weight.grad is not None
