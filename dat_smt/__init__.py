@@ -9,9 +9,11 @@ from timm.models import get_arch_name, model_entrypoint
 
 # _checkpoint allow-lists the official yacs configs; dat and smt register the models with timm
 from . import _checkpoint, dat, ops, smt  # noqa: F401
+from .hub import create_model  # also makes dat_smt.hub available
 
 __version__ = "0.1.0"
 __all__ = ["list_models", "ops", "__version__"]
+__all__ += ["hub", "create_model"]
 
 
 def list_models(pattern: str = "") -> List[str]:
