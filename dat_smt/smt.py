@@ -272,7 +272,8 @@ class SMT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {"gamma_1", "gamma_2"}
+        """Layer-scale parameters (SMT-L style models) are exempt from weight decay."""
+        return {name for name, _ in self.named_parameters() if name.endswith((".gamma_1", ".gamma_2"))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
