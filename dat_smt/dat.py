@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, unwrap_state_dict
+from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -559,12 +560,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
         out[key] = value
     if "head.weight" not in target:  # classifier reset or removed: the official head is not needed
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    elif _head_replaced_by_timm(out, model):
+        # timm's load_pretrained drops the classifier when num_classes differs from the pretrained cfg
+        check_state_dict({**out, "head.weight": target["head.weight"], "head.bias": target["head.bias"]}, model,
+                         "DAT checkpoint")
+        return out
     check_state_dict(out, model, "DAT checkpoint")
     return out
 
 
+def _head_replaced_by_timm(state_dict: Dict[str, torch.Tensor], model: DAT) -> bool:
+    cfg_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    head = state_dict.get("head.weight")
+    return head is not None and cfg_classes not in (None, model.num_classes) and head.shape[0] == cfg_classes
+
+
 def _create_dat(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = with_release_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         DAT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, unwrap_state_dict
+from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
@@ -445,6 +446,7 @@ def checkpoint_filter_fn(
 
 def _create_smt(variant: str, pretrained: bool = False, **kwargs: Any) -> SMT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = with_release_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         SMT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
