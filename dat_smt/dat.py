@@ -18,7 +18,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import check_state_dict, unwrap_state_dict
+from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
 from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
@@ -530,13 +530,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
 
     Accepts the whole official file (``model`` / ``state_dict`` entries, optimizer state and configs are ignored),
     strips a ``backbone.`` prefix, drops recomputed buffers and the dense variants' extra output norms, resizes
-    position-bias tables of another resolution and finally checks that every parameter is filled exactly.
+    position-bias tables of another resolution and finally checks that every parameter is filled exactly (except
+    the classifier and first convolution when timm adapts them to another class or input channel count).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if "stem.0.weight" in state_dict:  # already in our format
-        check_state_dict(state_dict, model, "DAT checkpoint")
+        check_state_dict(state_dict, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
         return state_dict
     target = model.state_dict()
     out = {}
@@ -560,19 +561,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
         out[key] = value
     if "head.weight" not in target:  # classifier reset or removed: the official head is not needed
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    elif _head_replaced_by_timm(out, model):
-        # timm's load_pretrained drops the classifier when num_classes differs from the pretrained cfg
-        check_state_dict({**out, "head.weight": target["head.weight"], "head.bias": target["head.bias"]}, model,
-                         "DAT checkpoint")
-        return out
-    check_state_dict(out, model, "DAT checkpoint")
+    check_state_dict(out, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
     return out
-
-
-def _head_replaced_by_timm(state_dict: Dict[str, torch.Tensor], model: DAT) -> bool:
-    cfg_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
-    head = state_dict.get("head.weight")
-    return head is not None and cfg_classes not in (None, model.num_classes) and head.shape[0] == cfg_classes
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:

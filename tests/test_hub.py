@@ -359,6 +359,9 @@ def test_plain_timm_loads_dat_share_link(reference_dir, tmp_path, monkeypatch):
         ten = timm.create_model("dat_tiny", pretrained=True, num_classes=10, **kwargs)
         assert ten.head.weight.shape == (10, expected["head.weight"].shape[1])
         assert_same(ten.state_dict(), expected, skip=("head.weight", "head.bias"))
+        gray = timm.create_model("dat_tiny", pretrained=True, in_chans=1, **kwargs)
+        assert torch.allclose(gray.stem[0].weight, expected["stem.0.weight"].sum(1, keepdim=True))
+        assert_same(gray.state_dict(), expected, skip=("stem.0.weight",))
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         assert_same(timm.create_model("dat_tiny", pretrained=True, **kwargs).state_dict(), expected)
         assert len(server.requests) == 1, "the cached copy was not reused"
@@ -432,5 +435,10 @@ def test_plain_timm_loads_smt_release_url(reference_dir, tmp_path, monkeypatch):
             torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
         backbone = timm.create_model("smt_tiny", pretrained=True, features_only=True, **kwargs).eval()
         assert backbone.feature_info.channels() == list(kwargs["embed_dims"])
+        ten = timm.create_model("smt_tiny", pretrained=True, **dict(kwargs, num_classes=10, in_chans=1))
+        assert ten.head.weight.shape == (10, expected["head.weight"].shape[1])
+        stem = "patch_embed1.conv.0.weight"
+        assert torch.allclose(ten.state_dict()[stem], expected[stem].sum(1, keepdim=True))
+        assert_same(ten.state_dict(), expected, skip=("head.weight", "head.bias", stem))
         assert len(server.requests) == 1
     assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == ["smt_tiny.pth"]
