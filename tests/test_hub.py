@@ -394,6 +394,8 @@ def test_plain_timm_share_link_failures_leave_nothing_cached(tmp_path, monkeypat
         assert cached() == []
         with pytest.raises(hub.PretrainedWeightsError, match="did not send a PyTorch checkpoint"):
             load(f"{server.url}/f/expired/?dl=1")
+        with pytest.raises(hub.PretrainedWeightsError, match="answered HTTP 404"):
+            load(f"{server.url}/f/moved/?dl=1")
         assert cached() == []
 
         good = f"{server.url}/f/good/?dl=1"
