@@ -7,12 +7,12 @@ stand-in that rebuilds it as a plain ``OrderedDict`` of data: no code from the f
 """
 import collections
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Union
+from typing import Any, Dict, Iterable, Mapping, Set, Union
 
 import torch
 from torch import nn
 
-__all__ = ["load_checkpoint", "unwrap_state_dict", "check_state_dict"]
+__all__ = ["load_checkpoint", "unwrap_state_dict", "check_state_dict", "timm_adapted_keys"]
 
 
 class _YacsConfigAsDict(dict):
@@ -51,15 +51,24 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], keys: Iterable[str] = ("mod
     return dict(checkpoint)
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
-    """Raises ``ValueError`` listing every missing, unexpected or mis-shaped key of ``state_dict`` against ``model``."""
+def check_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        source: str = "checkpoint",
+        adapted: Iterable[str] = (),
+) -> None:
+    """Raises ``ValueError`` listing every missing, unexpected or mis-shaped key of ``state_dict`` against ``model``.
+
+    Keys in ``adapted`` (see :func:`timm_adapted_keys`) may be absent or of another shape.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    adapted = set(adapted)
+    missing = [k for k in expected if k not in state_dict and k not in adapted]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in model"
         for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+        if k in state_dict and k not in adapted and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not match {type(model).__name__}:"]
@@ -67,3 +76,29 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))
+
+
+def _layer_names(names: Union[str, Iterable[str], None]) -> tuple:
+    return (names,) if isinstance(names, str) else tuple(names or ())
+
+
+def timm_adapted_keys(model: nn.Module) -> Set[str]:
+    """Keys that timm's ``load_pretrained`` still changes after the checkpoint filter, so their shapes may differ.
+
+    From the ``pretrained_cfg`` timm attached to ``model``: the classifier (``classifier``) when the model was built
+    for another class count (timm drops it), and the first convolution (``first_conv``) when it was built for
+    another number of input channels than ``input_size`` (timm adapts it with ``adapt_input_conv``).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    keys = set()
+    if cfg.get("num_classes") is not None and getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]:
+        keys.update(f"{name}.{p}" for name in _layer_names(cfg.get("classifier")) for p in ("weight", "bias"))
+    in_chans = (cfg.get("input_size") or (3,))[0]
+    for name in _layer_names(cfg.get("first_conv")):
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(conv, "in_channels", in_chans) != in_chans:
+            keys.add(f"{name}.weight")
+    return keys

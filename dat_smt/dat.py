@@ -18,7 +18,8 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import check_state_dict, unwrap_state_dict
+from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
+from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -529,13 +530,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
 
     Accepts the whole official file (``model`` / ``state_dict`` entries, optimizer state and configs are ignored),
     strips a ``backbone.`` prefix, drops recomputed buffers and the dense variants' extra output norms, resizes
-    position-bias tables of another resolution and finally checks that every parameter is filled exactly.
+    position-bias tables of another resolution and finally checks that every parameter is filled exactly (except
+    the classifier and first convolution when timm adapts them to another class or input channel count).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if "stem.0.weight" in state_dict:  # already in our format
-        check_state_dict(state_dict, model, "DAT checkpoint")
+        check_state_dict(state_dict, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
         return state_dict
     target = model.state_dict()
     out = {}
@@ -559,12 +561,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
         out[key] = value
     if "head.weight" not in target:  # classifier reset or removed: the official head is not needed
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    check_state_dict(out, model, "DAT checkpoint")
+    check_state_dict(out, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
     return out
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = with_release_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         DAT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

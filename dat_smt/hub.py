@@ -3,22 +3,32 @@
 Weights flow through timm's own loader (``timm.models.load_pretrained``): a cfg with ``hf_hub_id`` downloads the
 project's converted ``model.safetensors``; until a weight is published the cfg's ``url`` points at the official
 release file, which timm downloads (into a temporary ``.partial`` file that is moved into place only once the
-transfer ended) and converts on the fly with the family's ``checkpoint_filter_fn``. Loading is strict, so every
-key and shape is checked. :func:`create_model` wraps ``timm.create_model`` and turns the low-level failures
-(offline, unknown name, corrupt file, checkpoint of another variant) into errors that say what to do.
+transfer ended) and converts on the fly with the family's ``checkpoint_filter_fn``. Release links without a file
+name (cloud-drive share links), which timm cannot name in its cache, are fetched by :func:`with_release_file`,
+which every family's builder calls. Loading is strict, so every key and shape is checked. :func:`create_model`
+wraps ``timm.create_model`` and turns the low-level failures (offline, unknown name, corrupt file, checkpoint of
+another variant) into errors that say what to do.
 """
 import difflib
 import functools
+import hashlib
+import http.client
 import json
+import logging
 import os
+import shutil
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 import timm
 import torch
-from timm.models import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from timm.models import get_pretrained_cfg, is_model, model_entrypoint, resolve_pretrained_cfg, split_model_name_tag
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,8 +37,11 @@ from ._checkpoint import check_state_dict, load_checkpoint, unwrap_state_dict
 __all__ = [
     "HF_HUB_ORG", "PUBLISHED_WEIGHTS", "PretrainedWeightsError", "hub_repo_id", "hf_hub_cfg", "zoo_models",
     "released_variants", "paper_top1", "count_complexity", "hub_config", "model_card", "write_hub_folder",
-    "convert_checkpoint", "closest_variant", "create_model",
+    "convert_checkpoint", "closest_variant", "with_release_file", "fetch_release_file", "release_cache_file",
+    "create_model",
 ]
+
+_logger = logging.getLogger(__name__)
 
 HF_HUB_ORG = "dat-smt"
 """The Hugging Face Hub organisation that hosts the project's converted weights (``<org>/<arch>.<tag>``)."""
@@ -416,8 +429,9 @@ def _local_weight_file(cfg: Mapping[str, Any], cache_dir: str | None) -> Path | 
                 continue
         return None
     if cfg.get("url"):
-        model_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-        return Path(model_dir) / os.path.basename(urllib.parse.urlparse(cfg["url"]).path)
+        if _has_no_file_name(cfg["url"]):
+            return release_cache_file(cfg, cache_dir)
+        return _checkpoint_dir(cache_dir) / os.path.basename(urllib.parse.urlparse(cfg["url"]).path)
     return None
 
 
@@ -437,18 +451,17 @@ _INCOMPLETE_ERRORS = ("RemoteProtocolError", "IncompleteRead", "ChunkedEncodingE
 _CORRUPT_ERRORS = ("SafetensorError", "UnpicklingError", "EOFError", "HeaderTooLarge", "HeaderTooSmall")
 
 
-def _explain_load_failure(
-        model_name: str,
-        kwargs: Mapping[str, Any],
-        error: BaseException,
-        owned_file: Path | None = None,
-) -> BaseException:
+def _how_to_load(arch: str, where: str | None) -> str:
+    return (f"Download the weights on a machine with network access ({where}) and load them with "
+            f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/weights')).")
+
+
+def _explain_load_failure(model_name: str, kwargs: Mapping[str, Any], error: BaseException) -> BaseException:
     cfg = _resolved_cfg(model_name, kwargs)
     hub_url = f"https://huggingface.co/{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else None
     where = cfg.get("file") or hub_url or cfg.get("url")
     arch = model_name.split(":", 1)[1].rsplit("/", 1)[-1].split(".")[0] if ":" in model_name else model_name
-    how = (f"Download the weights on a machine with network access ({where}) and load them with "
-           f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/weights')).")
+    how = _how_to_load(arch, where)
     if _caused_by(error, ("RepositoryNotFoundError", "GatedRepoError")):
         return PretrainedWeightsError(
             f"Hub repo {cfg.get('hf_hub_id')!r} for {model_name!r} does not exist or is not accessible. "
@@ -469,7 +482,7 @@ def _explain_load_failure(
     if _caused_by(error, _CORRUPT_ERRORS) or (
             isinstance(error, RuntimeError) and not mismatch and local is not None and local.is_file()):
         removed = ""
-        if local is not None and local.is_file() and (not cfg.get("file") or local == owned_file):
+        if local is not None and local.is_file() and not cfg.get("file"):
             blob = local.resolve()  # the Hub cache links snapshots to blobs: drop both, or the blob is re-linked
             local.unlink()  # a corrupt cached download must not shadow a fresh one
             if blob != local.absolute() and blob.is_file():
@@ -490,47 +503,150 @@ def _explain_load_failure(
     return error
 
 
-def _fetch_unnamed_url(model_name: str, cfg: Mapping[str, Any], cache_dir: str | None) -> Path:
-    """Downloads a release link whose path has no file name (cloud-drive share links) to ``<arch>.<tag>.pth``.
+def _checkpoint_dir(cache_dir: Union[str, Path, None]) -> Path:
+    """torch.hub's checkpoint cache, where timm keeps ``url`` downloads (``cache_dir`` overrides it, as in timm)."""
+    return Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
 
-    timm caches ``url`` downloads under the url's last path component, which such links lack. The download uses
-    ``torch.hub.download_url_to_file``: a temporary ``.partial`` file, moved into place only when complete.
+
+def _has_no_file_name(url: str) -> bool:
+    return not os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def release_cache_file(cfg: Mapping[str, Any], cache_dir: Union[str, Path, None] = None) -> Path:
+    """Cache path of a release link without a file name: ``<arch>.<tag>-<sha256(url)[:8]>.pth``.
+
+    The url hash keeps copies fetched from different links (a mirror, a re-upload) apart; the name is the same in
+    every session, so a finished download is reused.
     """
-    model_dir = Path(cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints"))
-    target = model_dir / f"{cfg.get('architecture') or model_name}.{cfg.get('tag') or 'default'}.pth"
-    if not target.is_file():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(cfg["url"], str(target), progress=False)
+    digest = hashlib.sha256(cfg["url"].encode()).hexdigest()[:8]
+    name = ".".join(part for part in (cfg.get("architecture"), cfg.get("tag")) if part) or "weights"
+    return _checkpoint_dir(cache_dir) / f"{name}-{digest}.pth"
+
+
+def _offline() -> bool:
+    """Hugging Face's offline switches (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``), which timm users set."""
+    import huggingface_hub
+
+    values = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.is_offline_mode() or any(
+        (v or "").upper() in ("1", "ON", "YES", "TRUE") for v in values)
+
+
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"  # pickle protocol 2 opening torch's pre-1.6 (non-zip) format
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    """Whether ``path`` looks like a complete ``torch.save`` file (a whole zip archive or the legacy pickle).
+
+    Cloud drives answer an expired or rate-limited share link with an HTML page, which must not enter the cache.
+    """
+    with path.open("rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    return head == _LEGACY_TORCH_MAGIC or zipfile.is_zipfile(path)
+
+
+def _download_release_file(url: str, target: Path, name: str, how: str) -> None:
+    """Streams ``url`` into a ``.partial`` file next to ``target``, moved into place only if complete and valid."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+    _logger.info(f"Downloading pretrained weights for {name} from {url} to {target}")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "dat-smt"})
+        with urllib.request.urlopen(request, timeout=60) as response, partial.open("wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+            announced = response.headers.get("Content-Length")
+        size = partial.stat().st_size
+        if announced is not None and size != int(announced):
+            raise PretrainedWeightsError(
+                f"The download of the weights for {name!r} from {url} was incomplete ({size} of {announced} bytes, "
+                f"the connection dropped); nothing was added to the cache, so trying again starts afresh. {how}")
+        if not _is_torch_checkpoint(partial):
+            raise PretrainedWeightsError(
+                f"{url} did not send a PyTorch checkpoint for {name!r} (got {size} bytes starting with "
+                f"{partial.read_bytes()[:40]!r}); the link may have expired. Nothing was added to the cache. {how}")
+        os.replace(partial, target)
+    except urllib.error.HTTPError as e:
+        raise PretrainedWeightsError(
+            f"Cannot download pretrained weights for {name!r}: {url} answered HTTP {e.code} {e.reason}. {how}") from e
+    except http.client.IncompleteRead as e:
+        raise PretrainedWeightsError(
+            f"The download of the weights for {name!r} from {url} was incomplete (the connection dropped); "
+            f"nothing was added to the cache, so trying again starts afresh. {how}") from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise PretrainedWeightsError(
+            f"Cannot download pretrained weights for {name!r}: no network ({e}) and no cached copy. {how}") from e
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def fetch_release_file(cfg: Mapping[str, Any], cache_dir: Union[str, Path, None] = None) -> Path:
+    """Local copy of the release file at ``cfg['url']`` in the checkpoint cache (:func:`release_cache_file`).
+
+    A cached copy is reused without network access; one that is no longer a whole checkpoint is removed and
+    fetched again. Offline (``HF_HUB_OFFLINE=1``) without a cached copy, or when the download fails, raises
+    :class:`PretrainedWeightsError` saying how to get the file; the cache never holds a partial file.
+    """
+    url = cfg["url"]
+    target = release_cache_file(cfg, cache_dir)
+    name = target.name.rsplit("-", 1)[0]
+    how = _how_to_load(cfg.get("architecture") or name, url) + f" Or place the file at {target} to have it reused."
+    if target.is_file():
+        if _is_torch_checkpoint(target):
+            return target
+        _logger.warning(f"Removing {target}: it is not a whole PyTorch checkpoint")
+        target.unlink()
+    if _offline():
+        raise PretrainedWeightsError(
+            f"Cannot download pretrained weights for {name!r}: no network (offline mode is on, HF_HUB_OFFLINE) and no "
+            f"cached copy. {how}")
+    _download_release_file(url, target, name, how)
     return target
+
+
+def with_release_file(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The family builders' hook: ``kwargs`` for ``build_model_with_cfg``, with release links timm cannot cache.
+
+    timm (through ``torch.hub``) names a ``url`` download after the url's last path component. Share links of cloud
+    drives (``https://cloud.tsinghua.edu.cn/f/<id>/?dl=1``) have none, so timm would try to load the cache folder
+    itself. Only when ``pretrained`` is set and timm would load from such a ``url`` (no ``state_dict``, ``file`` or
+    ``hf_hub_id`` source), the file is fetched with :func:`fetch_release_file` and handed to timm as
+    ``pretrained_cfg_overlay=dict(file=...)``; timm then converts it with the family's ``checkpoint_filter_fn`` and
+    loads it strictly. Any other ``kwargs`` are returned unchanged.
+    """
+    if not pretrained:
+        return kwargs
+    # timm's own resolution (private helper): the weight source priority must be exactly the one it will apply
+    from timm.models._builder import _resolve_pretrained_source
+
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    load_from, url = _resolve_pretrained_source(cfg)
+    if load_from != "url" or not _has_no_file_name(url):
+        return kwargs
+    path = fetch_release_file(cfg, kwargs.get("cache_dir"))
+    return dict(kwargs, pretrained_cfg_overlay=dict(overlay or {}, file=str(path)))
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with clear errors for unknown names and for weights that are missing, corrupt or wrong.
 
     Arguments are those of ``timm.create_model``; the weights are loaded by timm itself (strictly, through the
-    family's ``checkpoint_filter_fn``). Failures raise :class:`PretrainedWeightsError` (or ``ValueError`` for an
-    unknown model name) with the original exception chained. Official release links without a file name are
-    downloaded to the torch hub cache first (timm could not name the cached file).
+    family's ``checkpoint_filter_fn``; release links without a file name are fetched by the family's builder
+    through :func:`with_release_file`). Failures raise :class:`PretrainedWeightsError` (or ``ValueError`` for an
+    unknown model name) with the original exception chained.
     """
     if not model_name.startswith(_HUB_PREFIXES) and not is_model(split_model_name_tag(model_name)[0]):
         raise ValueError(_unknown_model_message(model_name))
-    fetched = None
     try:
-        if pretrained and not model_name.startswith(_HUB_PREFIXES):
-            cfg = _resolved_cfg(model_name, kwargs)
-            url = cfg.get("url")
-            if url and not any(cfg.get(k) for k in ("file", "state_dict", "hf_hub_id")) and \
-                    not os.path.basename(urllib.parse.urlparse(url).path):
-                fetched = _fetch_unnamed_url(model_name, cfg, kwargs.get("cache_dir"))
-                kwargs = dict(kwargs, pretrained_cfg_overlay=dict(kwargs.get("pretrained_cfg_overlay") or {},
-                                                                  file=str(fetched)))
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except PretrainedWeightsError:
+        raise
     except Exception as e:
         if not pretrained:
             raise
         if isinstance(e, RuntimeError) and str(e).startswith("Unknown model"):
             raise ValueError(f"{e}. {_unknown_model_message(str(e).split('(')[-1].rstrip(')'))}") from e
-        explained = _explain_load_failure(model_name, kwargs, e, owned_file=fetched)
+        explained = _explain_load_failure(model_name, kwargs, e)
         if explained is e:
             raise
         raise explained from e

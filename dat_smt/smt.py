@@ -18,7 +18,8 @@ from timm.layers import DropPath, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import check_state_dict, unwrap_state_dict
+from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
+from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
@@ -400,8 +401,9 @@ def checkpoint_filter_fn(
     * ``model`` was created through timm with a ``num_classes`` different from its pretrained cfg: the head is
       passed through so that timm's ``load_pretrained`` drops it (timm's documented behaviour).
 
-    A model without a head (``num_classes=0``) ignores the checkpoint head. Raises ``ValueError`` listing every
-    missing, unexpected or mis-shaped key.
+    A model without a head (``num_classes=0``) ignores the checkpoint head; a first convolution built through timm
+    for another ``in_chans`` is left to timm's ``adapt_input_conv``. Raises ``ValueError`` listing every missing,
+    unexpected or mis-shaped key.
     """
     state_dict = unwrap_state_dict(state_dict)
     out = {}
@@ -432,19 +434,20 @@ def checkpoint_filter_fn(
             out["head.weight"], out["head.bias"] = out["head.weight"][index], out["head.bias"][index]
         elif cfg_classes not in (None, model.num_classes) and out["head.weight"].shape[0] == cfg_classes:
             # timm's load_pretrained removes the classifier when num_classes differs from the pretrained cfg
-            check_state_dict({**out, **{k: expected[k] for k in head_keys}}, model, "SMT checkpoint")
+            check_state_dict(out, model, "SMT checkpoint", adapted=timm_adapted_keys(model))
             return out
         else:
             raise ValueError(
                 f"checkpoint head has {out['head.weight'].shape[0]} classes but the model has {model.num_classes}; "
                 "pass head_mapping='drop' or a class index mapping to load it explicitly"
             )
-    check_state_dict(out, model, "SMT checkpoint")
+    check_state_dict(out, model, "SMT checkpoint", adapted=timm_adapted_keys(model))
     return out
 
 
 def _create_smt(variant: str, pretrained: bool = False, **kwargs: Any) -> SMT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = with_release_file(variant, pretrained, kwargs)
     return build_model_with_cfg(
         SMT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

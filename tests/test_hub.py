@@ -3,13 +3,18 @@
 huggingface_hub reads ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` when imported, so every download scenario runs in a
 fresh interpreter with its own environment (temporary ``HF_HOME`` and ``TORCH_HOME``).
 """
+import dataclasses
+import hashlib
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 from pathlib import Path
 
 import pytest
+import test_hub_support
 import timm
 import torch
 from safetensors.torch import load_file
@@ -212,7 +217,6 @@ def test_corrupt_file_is_reported(converted, tmp_path):
 
 def test_model_card_and_config(converted):
     folder = converted["hubstandin_tiny"][1]
-    import json
 
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "hubstandin_tiny"
@@ -242,10 +246,12 @@ def synthetic_official_checkpoint(manifest: dict, seed: int = 0) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name,manifest_name", [("dat_tiny", "dat_v1_tiny"), ("smt_tiny", "smt_tiny")])
 def test_url_path_converts_real_variant_on_the_fly(model_name, manifest_name, reference_dir, tmp_path):
-    """timm downloads the official file from the cfg ``url`` and converts it through the family's filter."""
+    """Plain timm downloads the official file from the cfg ``url`` and converts it through the family's filter.
+
+    Served at the path of the real release link: DAT's is a share link without a file name, SMT's a GitHub file.
+    """
     if not timm.is_model(model_name):
         pytest.skip(f"{model_name} is not registered yet")
-    import json
 
     manifest = json.loads((reference_dir / "manifests" / f"{manifest_name}.json").read_text())
     official = tmp_path / f"{model_name}_official.pth"
@@ -257,10 +263,9 @@ def test_url_path_converts_real_variant_on_the_fly(model_name, manifest_name, re
     torch.save(expected, tmp_path / "expected.pt")
     del checkpoint
     with HubServer() as server:
-        server.files[f"/official/{official.name}"] = official
+        url = served_link(server, timm.get_pretrained_cfg(f"{model_name}.in1k").url, official)
         run_py(f"""
-            url = {server.url!r} + '/official/{official.name}'
-            model = hub.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(url=url))
+            model = timm.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(url={url!r}))
             values = torch.sort(torch.cat([p.detach().flatten() for p in model.parameters()]))[0]
             assert torch.equal(values, torch.load({str(tmp_path / 'expected.pt')!r})), 'parameter values differ'
             assert model(torch.randn(1, *model.pretrained_cfg['input_size'])).shape == (1, 1000)
@@ -278,16 +283,164 @@ def test_url_without_network_says_how_to_load_a_local_file(tmp_path, monkeypatch
     assert not cache.exists() or not any(cache.iterdir()), "a failed download left a file in the cache"
 
 
-def test_share_link_without_file_name_downloads_and_converts(converted, hub_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    link = f"{hub_server.url}/f/hubstandin_tiny/?dl=1"
-    model = hub.create_model("hubstandin_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=link))
-    reference = load_file(str(converted["hubstandin_tiny"][1] / "model.safetensors"))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
-    assert sorted(p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()) == ["hubstandin_tiny.in1k.pth"]
-
-
 def test_hf_hub_cfg_only_for_published_weights(monkeypatch):
     assert hub.hf_hub_cfg("dat_tiny.in1k") == {}
     monkeypatch.setattr(hub, "PUBLISHED_WEIGHTS", frozenset({"dat_tiny.in1k"}))
     assert hub.hf_hub_cfg("dat_tiny.in1k") == {"hf_hub_id": f"{hub.HF_HUB_ORG}/dat_tiny.in1k"}
+
+
+SMT_ARGS = ("in_chans", "embed_dims", "ca_num_heads", "sa_num_heads", "mlp_ratios", "qkv_bias", "use_layerscale",
+            "layerscale_value", "depths", "ca_attentions", "head_conv", "expand_ratio")
+
+
+def official_fixture(reference_dir: Path, name: str):
+    """A reference fixture: constructor kwargs (without the class count), class count, tensors, official weights."""
+    meta = json.loads((reference_dir / "fixtures" / f"{name}.json").read_text())
+    tensors = load_file(str(reference_dir / "fixtures" / f"{name}.safetensors"))
+    official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    kwargs = dict(meta["constructor_kwargs"])
+    num_classes = kwargs.pop("num_classes")
+    if meta["family"] == "smt":
+        kwargs = {k: kwargs[k] for k in SMT_ARGS}
+    return kwargs, num_classes, tensors, official
+
+
+def register_release(monkeypatch, pretrained_name: str, **changes) -> None:
+    """Changes the registered pretrained cfg itself (as a release moving would), so timm takes its real path."""
+    cfg = dataclasses.replace(timm.get_pretrained_cfg(pretrained_name), **changes)
+    for name in (pretrained_name, cfg.architecture):  # the bare architecture name shares the default tag's cfg
+        monkeypatch.setitem(timm.models._registry._model_pretrained_cfgs, name, cfg)
+
+
+def served_link(server: HubServer, official_url: str, file: Path) -> str:
+    """``official_url`` with the loopback server as its host, serving ``file`` at the same path and query."""
+    parts = urllib.parse.urlparse(official_url)
+    server.files[parts.path] = file
+    return f"{server.url}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def assert_same(model_state, expected, skip=()):
+    assert set(model_state) == set(expected), set(model_state) ^ set(expected)
+    for key, value in expected.items():
+        if key not in skip:
+            assert torch.equal(model_state[key], value), key
+
+
+def test_plain_timm_loads_dat_share_link(reference_dir, tmp_path, monkeypatch):
+    """``timm.create_model('dat_tiny', pretrained=True)`` with the cfg's share link (no file name) served here."""
+    from dat_smt.dat import DAT, checkpoint_filter_fn
+
+    kwargs, num_classes, tensors, official = official_fixture(reference_dir, "dat_v1_small")
+    release = tmp_path / "release.pth"
+    torch.save({"model": official, "optimizer": {}, "max_accuracy": 82.0, "epoch": 299}, release)
+    expected = checkpoint_filter_fn({"model": official}, DAT(num_classes=num_classes, **kwargs))
+    official_url = timm.get_pretrained_cfg("dat_tiny.in1k").url
+    assert os.path.basename(urllib.parse.urlparse(official_url).path) == "", "the case under test: no file name"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    with HubServer() as server:
+        link = served_link(server, official_url, release)
+        register_release(monkeypatch, "dat_tiny.in1k", url=link, num_classes=num_classes)
+
+        model = timm.create_model("dat_tiny", pretrained=True, **kwargs).eval()
+        assert_same(model.state_dict(), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
+        cached = f"dat_tiny.in1k-{hashlib.sha256(link.encode()).hexdigest()[:8]}.pth"
+        assert sorted(p.name for p in cache.iterdir()) == [cached]
+        assert server.requests == [("GET", link[len(server.url):])]
+
+        backbone = timm.create_model("dat_tiny", pretrained=True, features_only=True, **kwargs).eval()
+        with torch.no_grad():
+            features = backbone(tensors["input"])
+        for i, feature in enumerate(features):
+            torch.testing.assert_close(feature, tensors[f"stage{i}"], atol=2e-4, rtol=1e-4)
+        ten = timm.create_model("dat_tiny", pretrained=True, num_classes=10, **kwargs)
+        assert ten.head.weight.shape == (10, expected["head.weight"].shape[1])
+        assert_same(ten.state_dict(), expected, skip=("head.weight", "head.bias"))
+        gray = timm.create_model("dat_tiny", pretrained=True, in_chans=1, **kwargs)
+        assert torch.allclose(gray.stem[0].weight, expected["stem.0.weight"].sum(1, keepdim=True))
+        assert_same(gray.state_dict(), expected, skip=("stem.0.weight",))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert_same(timm.create_model("dat_tiny", pretrained=True, **kwargs).state_dict(), expected)
+        assert len(server.requests) == 1, "the cached copy was not reused"
+        assert sorted(p.name for p in cache.iterdir()) == [cached]
+
+
+def test_plain_timm_share_link_failures_leave_nothing_cached(tmp_path, monkeypatch):
+    official = official_checkpoint("hubstandin_tiny", seed=5)
+    release = tmp_path / "release.pth"
+    torch.save(official, release)
+    page = tmp_path / "expired.html"
+    page.write_text("<html><body>This share link has expired.</body></html>")
+    expected = test_hub_support.checkpoint_filter_fn(official, None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+
+    def cached():
+        return sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+
+    def load(link, **kwargs):
+        return timm.create_model("hubstandin_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=link), **kwargs)
+
+    with HubServer() as server:
+        server.files.update({"/f/good/": release, "/f/cut/": release, "/f/expired/": page})
+        server.truncated.add("/f/cut/")
+        with pytest.raises(hub.PretrainedWeightsError, match="incomplete") as info:
+            load(f"{server.url}/f/cut/?dl=1")
+        assert "pretrained_cfg_overlay=dict(file=" in str(info.value)
+        assert cached() == []
+        with pytest.raises(hub.PretrainedWeightsError, match="did not send a PyTorch checkpoint"):
+            load(f"{server.url}/f/expired/?dl=1")
+        with pytest.raises(hub.PretrainedWeightsError, match="answered HTTP 404"):
+            load(f"{server.url}/f/moved/?dl=1")
+        assert cached() == []
+
+        good = f"{server.url}/f/good/?dl=1"
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        n_requests = len(server.requests)
+        with pytest.raises(hub.PretrainedWeightsError, match="no network") as info:
+            load(good)
+        assert "offline" in str(info.value) and "pretrained_cfg_overlay=dict(file=" in str(info.value)
+        assert len(server.requests) == n_requests and cached() == []
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+
+        assert_same(load(good).state_dict(), expected)
+        assert len(cached()) == 1 and len(server.requests) == n_requests + 1
+        (cache / cached()[0]).write_bytes(page.read_bytes())  # a cache damaged after the download
+        assert_same(load(good, num_classes=10).state_dict(), expected, skip=("head.fc.weight", "head.fc.bias"))
+        assert len(server.requests) == n_requests + 2, "the damaged copy was not fetched again"
+        # hub.create_model goes through the same builder hook and reuses the same cached file
+        assert_same(hub.create_model("hubstandin_tiny", pretrained=True,
+                                     pretrained_cfg_overlay=dict(url=good)).state_dict(), expected)
+        assert len(server.requests) == n_requests + 2 and len(cached()) == 1
+
+
+def test_plain_timm_loads_smt_release_url(reference_dir, tmp_path, monkeypatch):
+    """SMT's GitHub release urls have file names: timm's own download path, unchanged by the builder hook."""
+    from dat_smt.smt import SMT, checkpoint_filter_fn
+
+    kwargs, num_classes, tensors, official = official_fixture(reference_dir, "smt_small")
+    official_url = timm.get_pretrained_cfg("smt_tiny.in1k").url
+    release = tmp_path / "smt_tiny.pth"
+    torch.save({"model": official, "epoch": 299}, release)
+    expected = checkpoint_filter_fn({"model": official}, SMT(num_classes=num_classes, **kwargs))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with HubServer() as server:
+        register_release(monkeypatch, "smt_tiny.in1k", url=served_link(server, official_url, release),
+                         num_classes=num_classes)
+        model = timm.create_model("smt_tiny", pretrained=True, **kwargs).eval()
+        assert_same(model.state_dict(), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
+        backbone = timm.create_model("smt_tiny", pretrained=True, features_only=True, **kwargs).eval()
+        assert backbone.feature_info.channels() == list(kwargs["embed_dims"])
+        ten = timm.create_model("smt_tiny", pretrained=True, **dict(kwargs, num_classes=10, in_chans=1))
+        assert ten.head.weight.shape == (10, expected["head.weight"].shape[1])
+        stem = "patch_embed1.conv.0.weight"
+        assert torch.allclose(ten.state_dict()[stem], expected[stem].sum(1, keepdim=True))
+        assert_same(ten.state_dict(), expected, skip=("head.weight", "head.bias", stem))
+        assert len(server.requests) == 1
+    assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == ["smt_tiny.pth"]

@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 import dat_smt  # noqa: F401  (registers the zoo)
+from dat_smt.hub import with_release_file
 
 REPO_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -77,6 +78,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant, pretrained=False, **kwargs):
+    kwargs = with_release_file(variant, pretrained, kwargs)  # as the families' builders do
     return build_model_with_cfg(
         HubStandIn, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs,
