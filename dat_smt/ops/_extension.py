@@ -1,15 +1,18 @@
 """Just-in-time build of the MSDA C++/CUDA extension (``dat_smt/ops/csrc``).
 
-The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load``
-(ninja) into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
-where later processes find the cached library. The first CPU build takes about 20 s on an idle 2-core machine;
-a cached load costs a fraction of a second (torch re-checks the sources with ninja). Processes that build at the
-same time (DDP ranks) serialise on torch's lock (an OS advisory lock on ``<build dir>/lock``): one compiles, the
-others wait and then load the result. The CUDA kernels are compiled only when CUDA is usable at runtime; otherwise
-the build is CPU-only, and a failed CUDA build falls back to a CPU-only build.
+The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
+into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later
+processes find the cached library. The library name carries a digest of the sources, so installs of different
+versions (or several checkouts) sharing one extensions directory never rebuild each other's. The first CPU build
+takes about 20 s on an idle 2-core machine; a cached load costs a fraction of a second (torch re-checks the sources
+with ninja). Processes that build at the same time (DDP ranks) serialise on torch's lock (an OS advisory lock on
+``<build dir>/lock``): one compiles, the others wait and then load the result. The CUDA kernels are compiled only
+when CUDA is usable at runtime; otherwise the build is CPU-only, and a failed CUDA build falls back to a CPU-only
+build.
 Set ``DAT_SMT_DISABLE_EXTENSION=1`` to never build or load it, ``DAT_SMT_VERBOSE_BUILD=1`` to see the compiler
 commands.
 """
+import hashlib
 import os
 import shutil
 import threading
@@ -52,6 +55,15 @@ def _build() -> dict:
     return {"cpu": True, "cuda": False, "reason": cuda_reason}
 
 
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC_DIR.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _compile(cpp_extension, with_cuda: bool) -> str | None:
     """Builds (or finds in the cache) and loads one flavour of the extension; returns an error or None."""
     sources = [CSRC_DIR / "ms_deform_attn_binding.cpp", CSRC_DIR / "ms_deform_attn_cpu.cpp"]
@@ -59,7 +71,7 @@ def _compile(cpp_extension, with_cuda: bool) -> str | None:
         sources.append(CSRC_DIR / "ms_deform_attn_cuda.cu")
     try:
         cpp_extension.load(
-            name="dat_smt_msda_cuda" if with_cuda else "dat_smt_msda_cpu",
+            name=f"dat_smt_msda_{'cuda' if with_cuda else 'cpu'}_{_source_digest()}",
             sources=[str(source) for source in sources],
             extra_include_paths=[str(CSRC_DIR)],
             extra_cflags=["-O3", "-fopenmp"],
