@@ -221,10 +221,10 @@ def main(argv=None) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if row["top1"] > best_top1:
             best_top1 = row["top1"]
-            save_weights(model.state_dict(), args.output / "best.safetensors")
-        save_weights(model.state_dict(), args.output / "last.safetensors")
+            save_weights(model, args.output / "best.safetensors")
+        save_weights(model, args.output / "last.safetensors")
         if ema is not None:
-            save_weights(ema.module.state_dict(), args.output / "last_ema.safetensors")
+            save_weights(ema.module, args.output / "last_ema.safetensors")
         # The state holds the weights too: one atomic file is a consistent snapshot whenever the run is killed.
         save_state({
             "model": model.state_dict(), "epoch": epoch, "best_top1": best_top1, "log": rows,

@@ -5,6 +5,7 @@ The scripts import it as a sibling module (``python examples/x.py`` and ``torchr
 """
 import ast
 import csv
+import json
 import os
 import random
 import tempfile
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import matplotlib
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -102,11 +103,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def save_weights(state_dict: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomically writes a module's state dict as safetensors (tensors moved to CPU, made contiguous)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomically writes a module's weights as safetensors; tied weights are stored once
+    (read back with ``safetensors.torch.load_model``)."""
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_model(model, str(tmp), metadata=metadata)
 
 
 def save_state(state: dict, path: Path) -> None:
@@ -133,6 +134,11 @@ def write_csv(rows: Sequence[dict], path: Path, first_fields: Sequence[str] = ()
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_json(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
 def plot_curves(rows: Sequence[dict], path: Path, panels: Sequence[tuple[str, dict[str, str]]]) -> None:
