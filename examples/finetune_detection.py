@@ -379,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"shorter side before the random crop (CPU: {CPU_SIZES['crop_resize']})")
     sizes.add_argument("--crop-size", type=int, nargs=2, metavar=("MIN", "MAX"),
                        help=f"random crop side range (CPU: {CPU_SIZES['crop_size']})")
+    sizes.add_argument("--no-aug", action="store_true",
+                       help="train on images resized like in evaluation only (no flip, crop or multi-scale), e.g. to "
+                            "check that a model can overfit a few images")
     sizes.add_argument("--eval-size", type=int, help=f"evaluation shorter side (CPU: {CPU_SIZES['eval_size']})")
     optim = p.add_argument_group("optimisation (defaults: Deformable DETR's)")
     optim.add_argument("--epochs", type=int, default=50)
@@ -448,8 +451,12 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    train_set = CocoDetection(train_split, train_transforms(args.scales, args.max_size, args.crop_resize,
-                                                            args.crop_size))
+    if args.no_aug:
+        transforms = v2.Compose([v2.Resize(args.eval_size, max_size=args.max_size),
+                                 v2.ToDtype(torch.float32, scale=True)])
+    else:
+        transforms = train_transforms(args.scales, args.max_size, args.crop_resize, args.crop_size)
+    train_set = CocoDetection(train_split, transforms)
     val_set = CocoDetection(val_split)
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.workers,
