@@ -347,6 +347,8 @@ def check_replicas_in_sync(model: nn.Module, device: torch.device) -> None:
     dist.all_reduce(differs)
     if differs.item():
         raise RuntimeError(f"the weights of {int(differs.item())} rank(s) differ from rank 0's after training")
+    if dist.get_rank() == 0:
+        print(f"weights identical on all {dist.get_world_size()} ranks")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
