@@ -375,16 +375,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes = p.add_argument_group("image sizes (default: scaled down for CPUs)")
     sizes.add_argument("--official-sizes", action="store_true",
                        help="the paper's sizes; explicit size flags still override them")
-    sizes.add_argument("--scales", type=int, nargs="+", help=f"shorter-side sizes (CPU: {CPU_SIZES['scales']})")
-    sizes.add_argument("--max-size", type=int, help=f"longer side at most (CPU: {CPU_SIZES['max_size']})")
-    sizes.add_argument("--crop-resize", type=int, nargs="+",
-                       help=f"shorter side before the random crop (CPU: {CPU_SIZES['crop_resize']})")
-    sizes.add_argument("--crop-size", type=int, nargs=2, metavar=("MIN", "MAX"),
-                       help=f"random crop side range (CPU: {CPU_SIZES['crop_size']})")
+    preset_help = "(CPU: {}; official: {})".format
+    sizes.add_argument("--scales", type=int, nargs="+", default=argparse.SUPPRESS,
+                       help="shorter-side sizes " + preset_help(CPU_SIZES["scales"], "480..800 step 32"))
+    sizes.add_argument("--max-size", type=int, default=argparse.SUPPRESS,
+                       help="longer side at most " + preset_help(CPU_SIZES["max_size"], OFFICIAL_SIZES["max_size"]))
+    sizes.add_argument("--crop-resize", type=int, nargs="+", default=argparse.SUPPRESS,
+                       help="shorter side before the random crop "
+                            + preset_help(CPU_SIZES["crop_resize"], OFFICIAL_SIZES["crop_resize"]))
+    sizes.add_argument("--crop-size", type=int, nargs=2, metavar=("MIN", "MAX"), default=argparse.SUPPRESS,
+                       help="random crop side " + preset_help(CPU_SIZES["crop_size"], OFFICIAL_SIZES["crop_size"]))
+    sizes.add_argument("--eval-size", type=int, default=argparse.SUPPRESS,
+                       help="evaluation short side " + preset_help(CPU_SIZES["eval_size"], OFFICIAL_SIZES["eval_size"]))
     sizes.add_argument("--no-aug", action="store_true",
                        help="train on images resized like in evaluation only (no flip, crop or multi-scale), e.g. to "
                             "check that a model can overfit a few images")
-    sizes.add_argument("--eval-size", type=int, help=f"evaluation shorter side (CPU: {CPU_SIZES['eval_size']})")
     optim = p.add_argument_group("optimisation (defaults: Deformable DETR's)")
     optim.add_argument("--epochs", type=int, default=50)
     optim.add_argument("--batch-size", type=int, default=2, help="per process")
@@ -405,7 +410,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     preset = OFFICIAL_SIZES if args.official_sizes else CPU_SIZES
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.crop_size[0] > args.crop_size[1]:
         p.error(f"--crop-size MIN MAX needs MIN <= MAX, got {args.crop_size}")

@@ -123,7 +123,7 @@ def test_classification_torchrun_matches_single_process(cls_data, tmp_path):
 
 # --- detection ---------------------------------------------------------------------------------------------------
 
-DET_ARGS = ["--backbone", "resnet18", "--backbone-kwargs", "trainable_stages=-1", "--no-aug", "--eval-size", 64,
+DET_ARGS = ["--backbone", "resnet18", "--backbone-kwargs", "trainable_stages=-1", "--no-aug", "--eval-size", 96,
             "--max-size", 112, "--batch-size", 4, "--workers", 0, "--lr", "1e-3", "--no-progress"]
 TINY_DETECTORS = {
     "deformable_detr": ["d_model=32", "nhead=4", "num_encoder_layers=1", "num_decoder_layers=2", "dim_feedforward=32",
