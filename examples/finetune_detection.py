@@ -42,6 +42,7 @@ Under torchrun, DDP uses gloo on CPU and nccl on GPU, ``--batch-size`` is per pr
 all ranks, rank 0 evaluates and only rank 0 writes files.
 """
 import argparse
+import datetime
 import json
 import math
 import random
@@ -51,11 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -256,8 +258,9 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int):
         path = self.split.files[index]
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as error:
+            with Image.open(path) as pil_image:
+                image = F.pil_to_tensor(pil_image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"cannot decode image {path}: {error}") from error
         size = tuple(image.shape[-2:])
         if size != self.split.sizes[index]:
@@ -333,8 +336,6 @@ def param_groups(model: nn.Module, lr: float, backbone_mult: float, linear_proj_
 
 def check_replicas_in_sync(model: nn.Module, device: torch.device) -> None:
     """Raises if any rank's parameters or buffers differ bitwise from rank 0's (DDP keeps them equal)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return
     digest = torch.stack([
@@ -438,7 +439,8 @@ def load_data(args: argparse.Namespace) -> tuple[CocoSplit, CocoSplit]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    # Rank 0 evaluates while the others wait: allow a long COCO evaluation before the collective times out.
+    rank, world_size, device = setup_distributed(args.device, timeout=datetime.timedelta(hours=2))
     is_main = rank == 0
     progress = is_main and not args.no_progress
     try:
@@ -467,7 +469,7 @@ def main(argv=None) -> None:
     val_set = CocoDetection(val_split)
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.workers,
-                              collate_fn=collate, persistent_workers=False)
+                              collate_fn=collate)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone_mult, args.lr_linear_proj_mult),
                                   lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)

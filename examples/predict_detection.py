@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 from finetune_detection import CONFIG_KEY, ResizedDetector, build_detector
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_model
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
@@ -109,7 +110,8 @@ def main(argv=None) -> None:
     results = []
     with torch.inference_mode():
         for index, path in enumerate(tqdm(images, desc="predicting", disable=args.no_progress), start=1):
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
+            with Image.open(path) as pil_image:
+                image = pil_to_tensor(pil_image.convert("RGB"))
             out = model([image.to(device).float() / 255])[0]
             keep = out["scores"] >= args.score_threshold
             boxes, scores, labels = out["boxes"][keep].cpu(), out["scores"][keep].cpu(), out["labels"][keep].cpu()
@@ -126,7 +128,7 @@ def main(argv=None) -> None:
                 image, boxes, labels=[f"{class_names[k]} {s:.2f}" for k, s in zip(labels.tolist(), scores.tolist())],
                 colors=[PALETTE[k % len(PALETTE)] for k in labels.tolist()], width=args.line_width,
             )
-            write_png(drawn, str(args.output / f"{path.stem}.png"))
+            to_pil_image(drawn).save(args.output / f"{path.stem}.png")
     (args.output / "detections.json").write_text(json.dumps(results))
     print(f"{len(results)} detection(s) in {len(images)} image(s) -> {args.output}")
 

@@ -5,6 +5,7 @@ The scripts import it as a sibling module (``python examples/x.py`` and ``torchr
 """
 import ast
 import csv
+import datetime
 import json
 import os
 import random
@@ -36,13 +37,13 @@ def parse_kwargs(items: Sequence[str], flag: str) -> dict:
     return kwargs
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+def setup_distributed(device: str, timeout: datetime.timedelta | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device); under torchrun joins the process group (nccl on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, torch.device(device)
     use_cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
-from torchvision.io import decode_image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from dat_smt.shapes import write_coco_detection_dataset
 
@@ -275,8 +277,8 @@ def test_predict_draws_boxes_and_its_results_score_like_training(deformable_run,
         "--annotations", det_data / "annotations" / "instances_val.json", "--score-threshold", 0, "--no-progress")
     palette = [torch.tensor(c, dtype=torch.uint8)[:, None, None] for c in [(230, 25, 75), (60, 180, 75)]]
     for name in ("000000.png", "000001.png"):
-        before = decode_image(str(det_data / "val" / name))
-        after = decode_image(str(tmp_path / name))
+        before = pil_to_tensor(Image.open(det_data / "val" / name).convert("RGB"))
+        after = pil_to_tensor(Image.open(tmp_path / name).convert("RGB"))
         assert after.shape == before.shape
 
         def box_pixels(image):
@@ -326,3 +328,30 @@ def test_detection_torchrun_matches_single_process(deformable_run, det_data, tmp
     assert single_state.keys() == ddp_state.keys()
     for name, tensor in single_state.items():
         torch.testing.assert_close(ddp_state[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def test_detection_train_transforms_move_boxes_with_the_pixels():
+    """The augmentation recipe (flip, multi-scale resize, resize + random crop + resize) keeps every box tight
+    around its shape's pixels, whichever branch and crop are drawn; boxes cropped away are removed."""
+    from torchvision import tv_tensors
+
+    module = finetune_detection_module()
+    transforms = module.train_transforms([96, 112, 128], 200, [80, 100], [40, 90])
+    image = torch.zeros(3, 90, 120, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [70.0, 5.0, 110.0, 30.0]])
+    image[0, 20:60, 10:50] = 255
+    image[1, 5:30, 70:110] = 255
+    torch.manual_seed(0)
+    random.seed(0)
+    for _ in range(40):
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(90, 120)),
+                  "labels": torch.tensor([0, 1])}
+        out_image, out = transforms(tv_tensors.Image(image), target)
+        assert out_image.dtype == torch.float32 and 96 <= min(out_image.shape[1:]) <= 128
+        for box, label in zip(out["boxes"].tolist(), out["labels"].tolist()):
+            rows, cols = (out_image[label] > 0.5).nonzero(as_tuple=True)
+            pixels = [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1]
+            assert box == pytest.approx(pixels, abs=1.5)
+        for label in set(range(2)) - set(out["labels"].tolist()):
+            rows, cols = (out_image[label] > 0.5).nonzero(as_tuple=True)
+            assert min(rows.unique().numel(), cols.unique().numel()) <= 2  # at most a sliver was left visible
