@@ -124,10 +124,11 @@ def main(argv=None) -> None:
             for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
                 results.append({"image_id": image_id, "category_id": category_ids[label], "file_name": path.name,
                                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
-            drawn = draw_bounding_boxes(
-                image, boxes, labels=[f"{class_names[k]} {s:.2f}" for k, s in zip(labels.tolist(), scores.tolist())],
-                colors=[PALETTE[k % len(PALETTE)] for k in labels.tolist()], width=args.line_width,
-            )
+            drawn = image
+            if len(boxes):
+                names = [f"{class_names[k]} {s:.2f}" for k, s in zip(labels.tolist(), scores.tolist())]
+                colours = [PALETTE[k % len(PALETTE)] for k in labels.tolist()]
+                drawn = draw_bounding_boxes(image, boxes, labels=names, colors=colours, width=args.line_width)
             to_pil_image(drawn).save(args.output / f"{path.stem}.png")
     (args.output / "detections.json").write_text(json.dumps(results))
     print(f"{len(results)} detection(s) in {len(images)} image(s) -> {args.output}")

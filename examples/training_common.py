@@ -21,6 +21,7 @@ from safetensors.torch import save_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def parse_kwargs(items: Sequence[str], flag: str) -> dict:
@@ -151,6 +152,7 @@ def plot_curves(rows: Sequence[dict], path: Path, panels: Sequence[tuple[str, di
             if all(key in r for r in rows):
                 ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
         ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
