@@ -490,7 +490,9 @@ def main(argv=None) -> None:
         if is_main:
             print(f"resumed from {args.resume} at epoch {start_epoch}")
 
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    # Focus-DETR's denoising label embedding gets no gradient on a rank whose batch holds no object.
+    find_unused = args.detector == "focus_detr"
+    train_model = DistributedDataParallel(model, find_unused_parameters=find_unused) if world_size > 1 else model
     if is_main:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "model.json").write_text(json.dumps(config, indent=2))
