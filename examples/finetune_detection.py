@@ -19,8 +19,11 @@ clipping; the learning rate times 0.1 after ``--lr-drop`` epochs. The default si
 ``--official-sizes`` selects the paper's (scales 480..800, max 1333, crop resize 400/500/600, crop 384..600,
 evaluation at 800).
 
-Every epoch evaluates COCO box AP with pycocotools on the val split, with the shorter side resized to
-``--eval-size`` and boxes mapped back to the original image, and writes to ``--output``: ``metrics.json`` (AP,
+Every epoch evaluates COCO box AP with pycocotools (``dat_smt.adapters.evaluate_coco``) on the val split, with
+the shorter side resized to ``--eval-size`` and boxes mapped back to the original image (ground truth areas are
+box areas and crowd regions are left out, so on real COCO the numbers differ slightly from the official
+evaluation against the annotation file; ``predict_detection.py --annotations`` gives a results file for that),
+and writes to ``--output``: ``metrics.json`` (AP,
 AP50, AP75, APs, APm, APl per epoch), ``log.csv``, ``curves.png``, ``last.safetensors`` and ``best.safetensors``
 (weights; their metadata and ``model.json`` hold what ``predict_detection.py`` needs to rebuild the model) and
 ``last_state.pt`` (weights, optimizer, lr schedule, epoch, RNG; ``torch.load(weights_only=True)``). Files are
