@@ -355,3 +355,17 @@ def test_detection_train_transforms_move_boxes_with_the_pixels():
         for label in set(range(2)) - set(out["labels"].tolist()):
             rows, cols = (out_image[label] > 0.5).nonzero(as_tuple=True)
             assert min(rows.unique().numel(), cols.unique().numel()) <= 2  # at most a sliver was left visible
+
+
+@pytest.mark.slow
+def test_detection_torchrun_focus_detr_with_a_batch_without_objects(det_data, tmp_path):
+    # One image per rank: the step where a rank gets det_data's image without annotations leaves the denoising
+    # label embedding without gradient there (DDP must look for unused parameters).
+    args = [*detector_args("focus_detr"), "--batch-size", 1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(EXAMPLES / "finetune_detection.py"), "--data", str(det_data), "--epochs", "1",
+                             "--output", str(tmp_path), *map(str, args)],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "weights identical on all 2 ranks" in result.stdout
+    assert len(read_metrics(tmp_path / "metrics.json")) == 1
