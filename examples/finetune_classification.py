@@ -5,26 +5,21 @@
         --model-kwargs drop_path_rate=0.0 --output runs/cls
     torchrun --nproc_per_node 2 examples/finetune_classification.py --data runs/shapes_cls ...
 
-``--data`` holds ``train/<class>/*`` and ``val/<class>/*``. Every epoch writes ``last.safetensors`` (weights,
-EMA weights when ``--ema``) and ``last_state.pt`` (optimizer, scheduler, scaler, EMA, epoch, RNG; loadable with
-``torch.load(weights_only=True)``), ``best.safetensors`` when top-1 improves, ``log.csv`` and ``curves.png``.
+``--data`` holds ``train/<class>/*`` and ``val/<class>/*``. Every epoch writes ``last.safetensors`` (weights;
+``last_ema.safetensors`` with ``--ema``) and ``last_state.pt`` (weights, optimizer, scheduler, scaler, EMA, epoch,
+RNG; loadable with ``torch.load(weights_only=True)``), ``best.safetensors`` when top-1 improves, ``log.csv`` and
+``curves.png``. Every file is written to a temporary name and renamed, so a killed run leaves complete files.
 ``--resume <output>/last_state.pt`` continues from the saved epoch. Under torchrun, DDP uses gloo on CPU and
 nccl on GPU; ``--batch-size`` is per process and only rank 0 writes files.
 """
 import argparse
-import ast
-import csv
-import os
 import random
 from contextlib import nullcontext
 from pathlib import Path
 
-import matplotlib
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -34,27 +29,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
+from training_common import (
+    all_reduce_sum,
+    cleanup_distributed,
+    load_state,
+    parse_kwargs,
+    plain_args,
+    plot_curves,
+    rng_state,
+    save_state,
+    save_weights,
+    set_rng_state,
+    setup_distributed,
+    write_csv,
+)
 
 import dat_smt  # noqa: F401  (registers the backbones with timm)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 LOG_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "top1", "top5"]
-
-
-def parse_model_kwargs(items: list[str]) -> dict:
-    """``["embed_dims=[32,64]", "depths=[1,1]"]`` -> dict; values are Python literals (strings left as is)."""
-    kwargs = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--model-kwargs expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,40 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, torch.device(device)
-    use_cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return dist.get_rank(), world_size, torch.device("cuda", local_rank)
-    return dist.get_rank(), world_size, torch.device("cpu")
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, autocast, progress: bool) -> dict:
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -153,22 +111,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, autocas
     return {"val_loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["top1"] for r in rows], label="top-1")
-    ax_acc.plot(epochs, [r["top5"] for r in rows], label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
-    ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
@@ -182,7 +124,7 @@ def main(argv=None) -> None:
     if train_set.classes != val_set.classes:
         raise ValueError(f"train classes {train_set.classes} differ from val classes {val_set.classes}")
     num_classes = len(train_set.classes)
-    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    model_kwargs = parse_kwargs(args.model_kwargs, "--model-kwargs")
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_kwargs)
     model.to(device)
 
@@ -222,8 +164,8 @@ def main(argv=None) -> None:
 
     start_epoch, best_top1, rows = 0, -1.0, []
     if args.resume is not None:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(load_file(args.resume.with_name(state["weights_file"]), device="cpu"))
+        state = load_state(args.resume)
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -277,29 +219,25 @@ def main(argv=None) -> None:
         if not is_main:
             continue
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if row["top1"] > best_top1:
             best_top1 = row["top1"]
-            save_file(weights, args.output / "best.safetensors")
-        save_file(weights, args.output / "last.safetensors")
+            save_weights(model, args.output / "best.safetensors")
+        save_weights(model, args.output / "last.safetensors")
         if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
-                      args.output / "last_ema.safetensors")
-        torch.save({
-            "weights_file": "last.safetensors", "epoch": epoch, "best_top1": best_top1, "log": rows,
+            save_weights(ema.module, args.output / "last_ema.safetensors")
+        # The state holds the weights too: one atomic file is a consistent snapshot whenever the run is killed.
+        save_state({
+            "model": model.state_dict(), "epoch": epoch, "best_top1": best_top1, "log": rows,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "args": vars(args) | {
-                k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
+            "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "args": plain_args(args),
             "classes": train_set.classes,
         }, args.output / "last_state.pt")
-        fields = LOG_FIELDS + [k for k in row if k not in LOG_FIELDS]
-        with open(args.output / "log.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_curves(rows, args.output / "curves.png")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        write_csv(rows, args.output / "log.csv", LOG_FIELDS)
+        plot_curves(rows, args.output / "curves.png", [
+            ("loss", {"train_loss": "train", "val_loss": "val", "ema_val_loss": "val (EMA)"}),
+            ("accuracy (%)", {"top1": "top-1", "top5": "top-5", "ema_top1": "top-1 (EMA)"}),
+        ])
+    cleanup_distributed()
 
 
 if __name__ == "__main__":
