@@ -72,13 +72,18 @@ class DetrDetector(nn.Module):
             raise ValueError("targets must be given in training mode (call model.eval() for detections)")
         batch, mask, sizes = batch_images(images, self.size_divisibility)
         normalized_targets = self.prepare_targets(targets, sizes, batch.device) if targets is not None else None
-        batch = (batch - self.image_mean.to(batch.dtype)) / self.image_std.to(batch.dtype)
+        batch = self.normalize_images(batch, mask)
         outputs = self.forward_detr(batch, mask)
         if self.training:
             losses = self.criterion(outputs, normalized_targets)
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
         return self.postprocess(outputs, sizes)
+
+    def normalize_images(self, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalises a zero-padded [0, 1] batch; padding stays 0 (the official pipelines normalise, then pad)."""
+        batch = (batch - self.image_mean.to(batch.dtype)) / self.image_std.to(batch.dtype)
+        return batch.masked_fill(mask[:, None], 0.0)
 
     def prepare_targets(
             self, targets: Sequence[Target], image_sizes: Sequence[Tuple[int, int]], device: torch.device

@@ -161,7 +161,7 @@ class FocusDETR(DetrDetector):
             raise ValueError("targets must be given in training mode (call model.eval() for detections)")
         batch, mask, sizes = batch_images(images, self.size_divisibility)
         prepared = self.prepare_targets(targets, sizes, batch.device) if targets is not None else None
-        batch = (batch - self.image_mean.to(batch.dtype)) / self.image_std.to(batch.dtype)
+        batch = self.normalize_images(batch, mask)
         outputs = self.forward_detr(batch, mask, prepared if self.training else None, sizes)
         if self.training:
             losses = self.criterion(outputs, prepared)

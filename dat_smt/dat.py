@@ -8,6 +8,7 @@ bias tables are addressed with normalised coordinates, so nothing is tied to the
 """
 import math
 import re
+import warnings
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -525,17 +526,31 @@ def _resize_table(table: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
 _OFFICIAL_BUFFERS = ("relative_position_index", "attn_mask")
 
 
+def _keep_own_classifier(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]) -> None:
+    """A dense-prediction backbone file has no final norm or classifier: keep the model's own (features only)."""
+    own = [k for k in target if k.startswith(("norm.", "head.")) and k not in state_dict]
+    if own:
+        warnings.warn(
+            "the checkpoint is a dense-prediction DAT backbone without the classifier's final norm and head; "
+            f"{', '.join(own)} keep their initial values (use the model for features, e.g. features_only=True)",
+            stacklevel=3,
+        )
+        state_dict.update({k: target[k] for k in own})
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, torch.Tensor]:
     """Convert an official DAT / DAT++ checkpoint (classification or dense-prediction backbone) to this model.
 
     Accepts the whole official file (``model`` / ``state_dict`` entries, optimizer state and configs are ignored),
-    strips a ``backbone.`` prefix, drops recomputed buffers and the dense variants' extra output norms, resizes
+    strips a ``backbone.`` prefix, drops recomputed buffers and the dense variants' extra output norms (such a file
+    has no final norm or head: the model keeps its own, with a warning, so that ``features_only`` loads it), resizes
     position-bias tables of another resolution and finally checks that every parameter is filled exactly (except
     the classifier and first convolution when timm adapts them to another class or input channel count).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    dense_backbone = any(k.startswith("norms.") for k in state_dict) and "cls_head.weight" not in state_dict
     if "stem.0.weight" in state_dict:  # already in our format
         check_state_dict(state_dict, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
         return state_dict
@@ -561,6 +576,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DAT) -> Dict[str, to
         out[key] = value
     if "head.weight" not in target:  # classifier reset or removed: the official head is not needed
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    if dense_backbone:
+        _keep_own_classifier(out, target)
     check_state_dict(out, model, "DAT checkpoint", adapted=timm_adapted_keys(model))
     return out
 

@@ -91,6 +91,27 @@ def test_pretrained_from_local_official_file(reference_dir, tmp_path, suffix):
         torch.testing.assert_close(model(tensors["input"]), tensors["logits"], atol=1e-4, rtol=0)
 
 
+def test_dense_prediction_file_loads_features_only(reference_dir, tmp_path):
+    """An mmdet/mmseg DAT++ file (backbone.* keys with output norms, no classifier) through plain timm."""
+    meta, tensors, official = _fixture(reference_dir, "dat_pp_small")
+    dense = {f"backbone.{k}": v for k, v in official.items() if not k.startswith(("cls_head", "cls_norm"))}
+    for i, channels in enumerate(meta["constructor_kwargs"]["dims"]):
+        dense.update({f"backbone.norms.{i}.norm.weight": torch.ones(channels),
+                      f"backbone.norms.{i}.norm.bias": torch.zeros(channels)})
+    dense["neck.lateral_convs.0.conv.weight"] = torch.zeros(1)
+    path = tmp_path / "mask_rcnn_dat_pp.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": dense}, path)
+    with pytest.warns(UserWarning, match="dense-prediction DAT backbone"):
+        model = timm.create_model(
+            "dat_pp_tiny", pretrained=True, features_only=True,
+            pretrained_cfg_overlay=dict(file=str(path), num_classes=16), **meta["constructor_kwargs"],
+        ).eval()
+    with torch.no_grad():
+        features = model(tensors["input"])
+    for i, feature in enumerate(features):
+        torch.testing.assert_close(feature, tensors[f"stage{i}"], atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
 @pytest.mark.parametrize("size", [(200, 333), (96, 160)])
 def test_features_only_any_size(model_name, size):

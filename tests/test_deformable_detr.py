@@ -9,6 +9,8 @@ from timm.models._features import FeatureListNet
 from torch import nn
 
 from dat_smt.adapters import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DeformableDETR,
     TimmBackbone,
     checkpoint_filter_fn,
@@ -93,6 +95,28 @@ def test_converter_is_strict(reference_dir):
     official["transformer.unexpected.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing \(1\): transformer.level_embed(.|\n)*unexpected"):
         checkpoint_filter_fn(official, model)
+
+
+@pytest.mark.parametrize("size_divisibility", [1, 32])
+def test_images_are_normalised_before_zero_padding(size_divisibility):
+    """The official pipeline normalises every image, then pads the batch with zeros (nested_tensor_from_tensor_list)."""
+    backbone = TimmBackbone(FeatureListNet(FixtureBody(), out_indices=(0, 1, 2, 3)), freeze_bn=False)
+    model = DeformableDETR(backbone, 3, size_divisibility=size_divisibility, **TINY).eval()
+    images = [torch.rand(3, 70, 90), torch.rand(3, 83, 61)]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    height, width = -(-83 // size_divisibility) * size_divisibility, -(-90 // size_divisibility) * size_divisibility
+    expected = torch.zeros(2, 3, height, width)
+    expected_mask = torch.ones(2, height, width, dtype=torch.bool)
+    for i, image in enumerate(images):
+        expected[i, :, :image.shape[1], :image.shape[2]] = (image - mean) / std
+        expected_mask[i, :image.shape[1], :image.shape[2]] = False
+    seen = []
+    forward_detr = model.forward_detr
+    model.forward_detr = lambda batch, mask: seen.append((batch, mask)) or forward_detr(batch, mask)
+    with torch.no_grad():
+        model(images)
+    torch.testing.assert_close(seen[0][0], expected)
+    assert torch.equal(seen[0][1], expected_mask)
 
 
 def test_converter_maps_official_torchvision_resnet50_backbone():
