@@ -308,7 +308,8 @@ class SMT(nn.Module):
         if min(x.shape[-2:]) < _MIN_INPUT_SIZE:
             raise ValueError(f"input height and width must be at least {_MIN_INPUT_SIZE}, got {tuple(x.shape[-2:])}")
 
-    def _stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def _stage(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Runs stage ``index``; returns its block output before and after the stage norm, both NCHW."""
         x, height, width = getattr(self, f"patch_embed{index + 1}")(x)
         blocks = getattr(self, f"block{index + 1}")
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -317,8 +318,8 @@ class SMT(nn.Module):
         else:
             for block in blocks:
                 x = block(x, height, width)
-        x = getattr(self, f"norm{index + 1}")(x)
-        return _tokens_to_map(x, height, width)
+        normed = getattr(self, f"norm{index + 1}")(x)
+        return _tokens_to_map(x, height, width), _tokens_to_map(normed, height, width)
 
     def forward_intermediates(
             self,
@@ -329,9 +330,11 @@ class SMT(nn.Module):
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward returning the stage outputs (after each stage's own LayerNorm, as the dense backbones do).
+        """Forward returning the stage outputs.
 
-        ``norm`` is accepted for interface compatibility; every stage output is already normalised.
+        Every stage ends with its own LayerNorm (``norm{i}``), whose output feeds the next stage. With
+        ``norm=True`` the intermediates are taken after it (what the official dense backbones return, and what
+        ``features_only`` models return); with ``norm=False`` they are the raw outputs of the stage's blocks.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -340,9 +343,9 @@ class SMT(nn.Module):
         last = max_index if stop_early else self.num_stages - 1
         intermediates = []
         for i in range(last + 1):
-            x = self._stage(i, x)
+            raw, x = self._stage(i, x)
             if i in take_indices:
-                intermediates.append(x)
+                intermediates.append(x if norm else raw)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -369,7 +372,7 @@ class SMT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         for i in range(self.num_stages):
-            x = self._stage(i, x)
+            x = self._stage(i, x)[1]
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -448,7 +451,8 @@ def _create_smt(variant: str, pretrained: bool = False, **kwargs: Any) -> SMT:
     return build_model_with_cfg(
         SMT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices, feature_cls="getter"),
+        # features_only returns the normed stage outputs, as the official detection / segmentation backbones
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", norm=True),
         **kwargs,
     )
 
