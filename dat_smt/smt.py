@@ -85,12 +85,33 @@ class ScaleAwareModulation(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _mixed_scale_conv(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``s`` projection and the per-head convs as one projection and one depthwise conv, interleaved.
+
+        The rows of ``s`` are permuted into the interleaved channel order and every head's kernel is zero-padded
+        to the largest size, so a single depthwise conv produces the interleaved MHMC output directly (no
+        per-head slices, copies or stacking); the zero taps add exact zeros.
+        """
+        heads = self.num_heads
+        head_dim = self.s.out_features // heads
+        largest = 1 + 2 * heads
+        kernels, biases = [], []
+        for i in range(heads):
+            conv = getattr(self, f"local_conv_{i + 1}")
+            pad = heads - 1 - i
+            kernels.append(F.pad(conv.weight, (pad, pad, pad, pad)))
+            biases.append(conv.bias)
+        weight = torch.stack(kernels, 1).reshape(heads * head_dim, 1, largest, largest)
+        bias = torch.stack(biases, 1).reshape(-1)
+        s_weight = self.s.weight.reshape(heads, head_dim, -1).transpose(0, 1).reshape(self.s.weight.shape)
+        s_bias = None if self.s.bias is None else self.s.bias.reshape(heads, head_dim).t().reshape(-1)
+        return s_weight, s_bias, weight, bias
+
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        batch, _, dim = x.shape
         v = self.v(x)
-        s = _tokens_to_map(self.s(x), height, width).chunk(self.num_heads, dim=1)
-        heads = [getattr(self, f"local_conv_{i + 1}")(s_i) for i, s_i in enumerate(s)]
-        mixed = torch.stack(heads, dim=2).reshape(batch, dim, height, width)
+        s_weight, s_bias, conv_weight, conv_bias = self._mixed_scale_conv()
+        s = _tokens_to_map(F.linear(x, s_weight, s_bias), height, width)
+        mixed = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
         modulator = self.proj1(self.act(self.bn(self.proj0(mixed))))
         x = modulator.flatten(2).transpose(1, 2) * v
         return self.proj_drop(self.proj(x))
@@ -120,16 +141,19 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, num_tokens, dim = x.shape
         q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(x)
-        k, v = kv.reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # k and v as two products so that v comes out dense for the depthwise conv (a slice of kv would be copied)
+        k_weight, v_weight = self.kv.weight.chunk(2)
+        k_bias, v_bias = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
+        v_tokens = F.linear(x, v_weight, v_bias)
+        k = F.linear(x, k_weight, k_bias).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v_tokens.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
-        # v's channels (head * head_dim + d) are the second half of kv, already in token layout
-        out = out + self.local_conv(_tokens_to_map(kv[..., dim:], height, width)).flatten(2).transpose(1, 2)
+        out = out + self.local_conv(_tokens_to_map(v_tokens, height, width)).flatten(2).transpose(1, 2)
         return self.proj_drop(self.proj(out))
 
 
@@ -148,16 +172,16 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = _BLOCK_NORM(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
+        self.use_layerscale = use_layerscale
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
-        else:
-            self.gamma_1 = 1.0
-            self.gamma_2 = 1.0
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x), height, width))
+        attn = self.attn(self.norm1(x), height, width)
+        x = x + self.drop_path(self.gamma_1 * attn if self.use_layerscale else attn)
+        mlp = self.mlp(self.norm2(x), height, width)
+        return x + self.drop_path(self.gamma_2 * mlp if self.use_layerscale else mlp)
 
 
 class StemHead(nn.Module):
