@@ -76,13 +76,16 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         ws = self.window_size
-        x = _pad_to_multiple(x, ws)
-        padded_h, padded_w = x.shape[2:]
+        # windows are cut from and pasted back into NHWC, which is free for channels-last maps
+        x = x.permute(0, 2, 3, 1)
+        pad_h, pad_w = (ws - height % ws) % ws, (ws - width % ws) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded_h, padded_w = x.shape[1:3]
         if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(2, 3))
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         rows, cols = padded_h // ws, padded_w // ws
-        windows = x.reshape(batch, channels, rows, ws, cols, ws).permute(0, 2, 4, 3, 5, 1)
-        windows = windows.reshape(-1, ws * ws, channels)
+        windows = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(-1, ws * ws, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], ws * ws, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
@@ -94,11 +97,10 @@ class WindowAttention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         out = self.proj_out(out.transpose(1, 2).reshape(windows.shape[0], ws * ws, channels))
-        out = out.reshape(batch, rows, cols, ws, ws, channels).permute(0, 5, 1, 3, 2, 4)
-        out = out.reshape(batch, channels, padded_h, padded_w)
+        out = out.reshape(batch, rows, cols, ws, ws, channels).transpose(2, 3).reshape(batch, padded_h, padded_w, -1)
         if self.shift:
-            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(2, 3))
-        return out[:, :, :height, :width].contiguous()
+            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
+        return out[:, :height, :width].permute(0, 3, 1, 2)
 
 
 class NeighborhoodAttention(nn.Module):
