@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, unwrap_state_dict
+from ._layers import ResidualDepthwiseConv2d
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -257,14 +258,14 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.dwconv = ResidualDepthwiseConv2d(hidden_dim)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        x = self.act(x + self.dwconv(x))
+        x = self.act(self.dwconv(x))
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -284,7 +285,7 @@ class DatBlock(nn.Module):
 
     def __init__(self, dim: int, attn: nn.Module, mlp: nn.Module, use_lpu: bool, drop_path: float):
         super().__init__()
-        self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if use_lpu else None
+        self.lpu = ResidualDepthwiseConv2d(dim) if use_lpu else None
         self.norm1 = LayerNorm2d(dim, eps=1e-5)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim, eps=1e-5)
@@ -293,7 +294,7 @@ class DatBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = self.lpu(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

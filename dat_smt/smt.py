@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, unwrap_state_dict
+from ._layers import ResidualDepthwiseConv2d
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
@@ -43,17 +44,17 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        x = self.act(x + self.dwconv(x, height, width))
+        x = self.act(self.dwconv(x, height, width))
         x = self.drop(x)
         return self.drop(self.fc2(x))
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise 3x3 conv over tokens (B, N, C) laid out as an H x W map."""
+    """Tokens (B, N, C) plus a depthwise 3x3 conv over them laid out as an H x W map."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = ResidualDepthwiseConv2d(dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.dwconv(_tokens_to_map(x, height, width)).flatten(2).transpose(1, 2)
