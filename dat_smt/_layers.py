@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResidualDepthwiseConv2d"]
+__all__ = ["ResidualDepthwiseConv2d", "caching_allowed"]
 
 
 class ResidualDepthwiseConv2d(nn.Conv2d):
@@ -20,3 +20,9 @@ class ResidualDepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight + self.identity, self.bias, padding=self.padding, groups=self.groups)
+
+
+def caching_allowed() -> bool:
+    """Whether size-keyed tensor caches may be filled: not while tracing, compiling or exporting, where the
+    tensors are graph values (or fake) rather than data."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d
+from ._layers import ResidualDepthwiseConv2d, caching_allowed
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -70,7 +70,7 @@ class WindowAttention(nn.Module):
                     label += 1
             labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
             mask = (labels[:, :, None] != labels[:, None, :]).float() * -100.0
-            if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            if caching_allowed():
                 self._mask_cache[key] = mask
         return mask
 
@@ -199,7 +199,7 @@ class DeformableAttention(nn.Module):
         reference = grid(axis(key_h, True), axis(key_w, True))
         queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2)
         grids = (reference, queries)
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        if caching_allowed():
             if len(self._grid_cache) >= 16:
                 self._grid_cache.clear()
             self._grid_cache[key] = grids

@@ -10,6 +10,8 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._layers import caching_allowed
+
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
 
 
@@ -130,7 +132,7 @@ def _layout(height: int, width: int, kernel_size: int, block_size: int, device: 
         out_block=(block_h[:, None] * nbw + block_w[None, :]).reshape(-1),
         out_offset=(offset_h[:, None] * tw + offset_w[None, :]).reshape(-1),
     )
-    if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+    if caching_allowed():
         _LAYOUT_CACHE[key] = layout
         if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
             _LAYOUT_CACHE.popitem(last=False)
