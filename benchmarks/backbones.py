@@ -18,6 +18,7 @@ import dat_smt  # noqa: F401  (registers the models)
 PAIRS: List[Tuple[str, str]] = [
     ("dat_tiny", "swin_tiny_patch4_window7_224"),
     ("dat_pp_tiny", "swin_tiny_patch4_window7_224"),
+    ("smt_tiny", "pvt_v2_b1"),
 ]
 
 

@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
+from ._layers import ResidualDepthwiseConv2d, caching_allowed
 from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
@@ -71,20 +72,23 @@ class WindowAttention(nn.Module):
                     label += 1
             labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
             mask = (labels[:, :, None] != labels[:, None, :]).float() * -100.0
-            if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            if caching_allowed():
                 self._mask_cache[key] = mask
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         ws = self.window_size
-        x = _pad_to_multiple(x, ws)
-        padded_h, padded_w = x.shape[2:]
+        # windows are cut from and pasted back into NHWC, which is free for channels-last maps
+        x = x.permute(0, 2, 3, 1)
+        pad_h, pad_w = (ws - height % ws) % ws, (ws - width % ws) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded_h, padded_w = x.shape[1:3]
         if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(2, 3))
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         rows, cols = padded_h // ws, padded_w // ws
-        windows = x.reshape(batch, channels, rows, ws, cols, ws).permute(0, 2, 4, 3, 5, 1)
-        windows = windows.reshape(-1, ws * ws, channels)
+        windows = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(-1, ws * ws, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], ws * ws, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
@@ -96,11 +100,10 @@ class WindowAttention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         out = self.proj_out(out.transpose(1, 2).reshape(windows.shape[0], ws * ws, channels))
-        out = out.reshape(batch, rows, cols, ws, ws, channels).permute(0, 5, 1, 3, 2, 4)
-        out = out.reshape(batch, channels, padded_h, padded_w)
+        out = out.reshape(batch, rows, cols, ws, ws, channels).transpose(2, 3).reshape(batch, padded_h, padded_w, -1)
         if self.shift:
-            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(2, 3))
-        return out[:, :, :height, :width].contiguous()
+            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
+        return out[:, :height, :width].permute(0, 3, 1, 2)
 
 
 class NeighborhoodAttention(nn.Module):
@@ -173,26 +176,42 @@ class DeformableAttention(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * q_size[0] - 1, 2 * q_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
+        self._grid_cache: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _reference_points(self, height: int, width: int, x: torch.Tensor) -> torch.Tensor:
-        """(Hk, Wk, 2) reference points, (y, x) normalised; DAT++ divides by (Hk - 1), DAT by Hk."""
-        denom_h, denom_w = (height - 1, width - 1) if self.plus else (height, width)
-        ref_y = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) / denom_h * 2 - 1
-        ref_x = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) / denom_w * 2 - 1
-        return torch.stack(torch.meshgrid(ref_y, ref_x, indexing="ij"), -1)
+    def _grids(self, height: int, width: int, key_h: int, key_w: int, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Reference points (Hk, Wk, 2) and query positions (H*W, 2), normalised, in grid_sample's (x, y) order.
 
-    def _query_grid(self, height: int, width: int, x: torch.Tensor) -> torch.Tensor:
-        """(H*W, 2) query positions, (y, x) normalised: pixel grid (DAT++) or pixel centres (DAT)."""
-        if not self.plus:
-            return self._reference_points(height, width, x).reshape(-1, 2)
-        grid_y = torch.arange(height, device=x.device, dtype=x.dtype) / (height - 1) * 2 - 1
-        grid_x = torch.arange(width, device=x.device, dtype=x.dtype) / (width - 1) * 2 - 1
-        return torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij"), -1).reshape(-1, 2)
+        DAT++ divides by (Hk - 1) and places queries on the pixel grid; DAT divides by Hk and places queries at
+        pixel centres. Cached per size (they depend on sizes only) outside tracing and compilation.
+        """
+        key = (height, width, key_h, key_w, x.dtype, str(x.device))
+        grids = self._grid_cache.get(key)
+        if grids is not None:
+            return grids
+
+        def axis(length: int, centres: bool) -> torch.Tensor:
+            positions = torch.arange(length, device=x.device, dtype=x.dtype)
+            if centres:
+                return (positions + 0.5) / (length - 1 if self.plus else length) * 2 - 1
+            return positions / (length - 1) * 2 - 1
+
+        def grid(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
+
+        reference = grid(axis(key_h, True), axis(key_w, True))
+        queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2)
+        grids = (reference, queries)
+        if caching_allowed():
+            if len(self._grid_cache) >= 16:
+                self._grid_cache.clear()
+            self._grid_cache[key] = grids
+        return grids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         groups, heads = self.num_groups, self.num_heads
         group_channels = channels // groups
+        head_dim = channels // heads
         q = self.proj_q(x)
         offset = self.conv_offset(q.reshape(batch * groups, group_channels, height, width))
         key_h, key_w = offset.shape[2:]
@@ -202,12 +221,13 @@ class DeformableAttention(nn.Module):
                 f" sampled {key_h}x{key_w});"
                 " the input image is too small"
             )
-        offset = offset.permute(0, 2, 3, 1)
+        # positions are kept in grid_sample's (x, y) order: the offset conv emits (y, x)
+        offset = offset.permute(0, 2, 3, 1).flip(-1)
         if self.offset_range_factor > 0:
             denom_h, denom_w = (key_h - 1, key_w - 1) if self.plus else (key_h, key_w)
-            scale = torch.tensor([1.0 / denom_h, 1.0 / denom_w], device=x.device, dtype=x.dtype)
+            scale = torch.tensor([1.0 / denom_w, 1.0 / denom_h], device=x.device, dtype=x.dtype)
             offset = offset.tanh() * scale * self.offset_range_factor
-        reference = self._reference_points(key_h, key_w, x)
+        reference, queries = self._grids(height, width, key_h, key_w, x)
         if self.offset_range_factor >= 0:
             pos = offset + reference
         elif self.plus:
@@ -215,23 +235,22 @@ class DeformableAttention(nn.Module):
         else:
             pos = (offset + reference).tanh()
         sampled = F.grid_sample(
-            x.reshape(batch * groups, group_channels, height, width), pos.flip(-1),
-            mode="bilinear", align_corners=True,
+            x.reshape(batch * groups, group_channels, height, width), pos, mode="bilinear", align_corners=True,
         )
         sampled = sampled.reshape(batch, channels, 1, key_h * key_w)
-        head_dim = channels // heads
-        q = q.reshape(batch, heads, head_dim, height * width).transpose(2, 3)
-        k = self.proj_k(sampled).reshape(batch, heads, head_dim, key_h * key_w).transpose(2, 3)
-        v = self.proj_v(sampled).reshape(batch, heads, head_dim, key_h * key_w).transpose(2, 3)
+        # heads split off the channels of NHWC views: free for channels-last maps
+        q = q.permute(0, 2, 3, 1).reshape(batch, height * width, heads, head_dim).transpose(1, 2)
+        k = self.proj_k(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        v = self.proj_v(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
 
-        displacement = (self._query_grid(height, width, x)[None, :, None] - pos.reshape(batch * groups, 1, -1, 2)) * 0.5
+        displacement = (queries[None, :, None] - pos.reshape(batch * groups, 1, -1, 2)) * 0.5
         table = self.rpe_table[None].expand(batch, -1, -1, -1)
         table = table.reshape(batch * groups, heads // groups, *self.rpe_table.shape[1:])
-        bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
+        bias = F.grid_sample(table, displacement, mode="bilinear", align_corners=True)
         bias = bias.reshape(batch, heads, height * width, key_h * key_w)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = out.transpose(2, 3).reshape(batch, channels, height, width)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return self.proj_out(out)
 
 
@@ -241,14 +260,14 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.dwconv = ResidualDepthwiseConv2d(hidden_dim)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        x = self.act(x + self.dwconv(x))
+        x = self.act(self.dwconv(x))
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -268,7 +287,7 @@ class DatBlock(nn.Module):
 
     def __init__(self, dim: int, attn: nn.Module, mlp: nn.Module, use_lpu: bool, drop_path: float):
         super().__init__()
-        self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if use_lpu else None
+        self.lpu = ResidualDepthwiseConv2d(dim) if use_lpu else None
         self.norm1 = LayerNorm2d(dim, eps=1e-5)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim, eps=1e-5)
@@ -277,7 +296,7 @@ class DatBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = self.lpu(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

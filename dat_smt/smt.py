@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
+from ._layers import ResidualDepthwiseConv2d
 from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
@@ -44,17 +45,17 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        x = self.act(x + self.dwconv(x, height, width))
+        x = self.act(self.dwconv(x, height, width))
         x = self.drop(x)
         return self.drop(self.fc2(x))
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise 3x3 conv over tokens (B, N, C) laid out as an H x W map."""
+    """Tokens (B, N, C) plus a depthwise 3x3 conv over them laid out as an H x W map."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = ResidualDepthwiseConv2d(dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.dwconv(_tokens_to_map(x, height, width)).flatten(2).transpose(1, 2)
@@ -86,12 +87,33 @@ class ScaleAwareModulation(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _mixed_scale_conv(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``s`` projection and the per-head convs as one projection and one depthwise conv, interleaved.
+
+        The rows of ``s`` are permuted into the interleaved channel order and every head's kernel is zero-padded
+        to the largest size, so a single depthwise conv produces the interleaved MHMC output directly (no
+        per-head slices, copies or stacking); the zero taps add exact zeros.
+        """
+        heads = self.num_heads
+        head_dim = self.s.out_features // heads
+        largest = 1 + 2 * heads
+        kernels, biases = [], []
+        for i in range(heads):
+            conv = getattr(self, f"local_conv_{i + 1}")
+            pad = heads - 1 - i
+            kernels.append(F.pad(conv.weight, (pad, pad, pad, pad)))
+            biases.append(conv.bias)
+        weight = torch.stack(kernels, 1).reshape(heads * head_dim, 1, largest, largest)
+        bias = torch.stack(biases, 1).reshape(-1)
+        s_weight = self.s.weight.reshape(heads, head_dim, -1).transpose(0, 1).reshape(self.s.weight.shape)
+        s_bias = None if self.s.bias is None else self.s.bias.reshape(heads, head_dim).t().reshape(-1)
+        return s_weight, s_bias, weight, bias
+
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        batch, _, dim = x.shape
         v = self.v(x)
-        s = _tokens_to_map(self.s(x), height, width).chunk(self.num_heads, dim=1)
-        heads = [getattr(self, f"local_conv_{i + 1}")(s_i) for i, s_i in enumerate(s)]
-        mixed = torch.stack(heads, dim=2).reshape(batch, dim, height, width)
+        s_weight, s_bias, conv_weight, conv_bias = self._mixed_scale_conv()
+        s = _tokens_to_map(F.linear(x, s_weight, s_bias), height, width)
+        mixed = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
         modulator = self.proj1(self.act(self.bn(self.proj0(mixed))))
         x = modulator.flatten(2).transpose(1, 2) * v
         return self.proj_drop(self.proj(x))
@@ -121,16 +143,19 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, num_tokens, dim = x.shape
         q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(x)
-        k, v = kv.reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # k and v as two products so that v comes out dense for the depthwise conv (a slice of kv would be copied)
+        k_weight, v_weight = self.kv.weight.chunk(2)
+        k_bias, v_bias = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
+        v_tokens = F.linear(x, v_weight, v_bias)
+        k = F.linear(x, k_weight, k_bias).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v_tokens.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
-        # v's channels (head * head_dim + d) are the second half of kv, already in token layout
-        out = out + self.local_conv(_tokens_to_map(kv[..., dim:], height, width)).flatten(2).transpose(1, 2)
+        out = out + self.local_conv(_tokens_to_map(v_tokens, height, width)).flatten(2).transpose(1, 2)
         return self.proj_drop(self.proj(out))
 
 
@@ -149,16 +174,16 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = _BLOCK_NORM(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
+        self.use_layerscale = use_layerscale
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
-        else:
-            self.gamma_1 = 1.0
-            self.gamma_2 = 1.0
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x), height, width))
+        attn = self.attn(self.norm1(x), height, width)
+        x = x + self.drop_path(self.gamma_1 * attn if self.use_layerscale else attn)
+        mlp = self.mlp(self.norm2(x), height, width)
+        return x + self.drop_path(self.gamma_2 * mlp if self.use_layerscale else mlp)
 
 
 class StemHead(nn.Module):
@@ -309,7 +334,8 @@ class SMT(nn.Module):
         if min(x.shape[-2:]) < _MIN_INPUT_SIZE:
             raise ValueError(f"input height and width must be at least {_MIN_INPUT_SIZE}, got {tuple(x.shape[-2:])}")
 
-    def _stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def _stage(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Runs stage ``index``; returns its block output before and after the stage norm, both NCHW."""
         x, height, width = getattr(self, f"patch_embed{index + 1}")(x)
         blocks = getattr(self, f"block{index + 1}")
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -318,8 +344,8 @@ class SMT(nn.Module):
         else:
             for block in blocks:
                 x = block(x, height, width)
-        x = getattr(self, f"norm{index + 1}")(x)
-        return _tokens_to_map(x, height, width)
+        normed = getattr(self, f"norm{index + 1}")(x)
+        return _tokens_to_map(x, height, width), _tokens_to_map(normed, height, width)
 
     def forward_intermediates(
             self,
@@ -330,9 +356,11 @@ class SMT(nn.Module):
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward returning the stage outputs (after each stage's own LayerNorm, as the dense backbones do).
+        """Forward returning the stage outputs.
 
-        ``norm`` is accepted for interface compatibility; every stage output is already normalised.
+        Every stage ends with its own LayerNorm (``norm{i}``), whose output feeds the next stage. With
+        ``norm=True`` the intermediates are taken after it (what the official dense backbones return, and what
+        ``features_only`` models return); with ``norm=False`` they are the raw outputs of the stage's blocks.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -341,9 +369,9 @@ class SMT(nn.Module):
         last = max_index if stop_early else self.num_stages - 1
         intermediates = []
         for i in range(last + 1):
-            x = self._stage(i, x)
+            raw, x = self._stage(i, x)
             if i in take_indices:
-                intermediates.append(x)
+                intermediates.append(x if norm else raw)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -370,7 +398,7 @@ class SMT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         for i in range(self.num_stages):
-            x = self._stage(i, x)
+            x = self._stage(i, x)[1]
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -451,7 +479,8 @@ def _create_smt(variant: str, pretrained: bool = False, **kwargs: Any) -> SMT:
     return build_model_with_cfg(
         SMT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices, feature_cls="getter"),
+        # features_only returns the normed stage outputs, as the official detection / segmentation backbones
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", norm=True),
         **kwargs,
     )
 

@@ -154,3 +154,13 @@ def test_in_chans_and_pretrained_cfg(in_chans):
     cfg = model.pretrained_cfg
     assert cfg["first_conv"] == "stem.0" and cfg["classifier"] == "head"
     assert cfg["url"].startswith("https://cloud.tsinghua.edu.cn/f/")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
+def test_export_matches_eager(model_name):
+    model = timm.create_model(model_name, depths=(2, 2, 2, 2)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)

@@ -43,23 +43,16 @@ def test_fixture_parity(reference_dir, name, fused):
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
-    pre_norm = {}
-    hooks = [
-        getattr(model, f"norm{i + 1}").register_forward_pre_hook(
-            lambda mod, args, i=i: pre_norm.__setitem__(i, args[0]))
-        for i in range(4)
-    ]
     with torch.no_grad():
         logits = model(tensors["input"])
-        _, stages = model.forward_intermediates(tensors["input"])
-    for hook in hooks:
-        hook.remove()
+        final, stages = model.forward_intermediates(tensors["input"])
+        normed = model.forward_intermediates(tensors["input"], norm=True, intermediates_only=True)
     torch.testing.assert_close(logits, tensors["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(final, normed[3])
     for i in range(4):
-        ref = tensors[f"stage{i}"]
-        got = pre_norm[i].transpose(1, 2).reshape(ref.shape)
-        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(stages[i], tensors[f"stage{i}_normed"], atol=2e-4, rtol=1e-4)
+        # norm=False: the raw block outputs; norm=True: after the stage's own norm{i}
+        torch.testing.assert_close(stages[i], tensors[f"stage{i}"], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(normed[i], tensors[f"stage{i}_normed"], atol=2e-4, rtol=1e-4)
 
 
 def test_fixture_interleaving_matters(reference_dir):
@@ -95,7 +88,7 @@ def test_detection_naming_and_prefix(reference_dir):
     backbone = SMT(**{k: v for k, v in _backbone_kwargs(reference_dir).items()}, num_classes=0).eval()
     backbone.load_state_dict(checkpoint_filter_fn({"state_dict": renamed}, backbone), strict=True)
     with torch.no_grad():
-        stages = backbone.forward_intermediates(tensors["input"], intermediates_only=True)
+        stages = backbone.forward_intermediates(tensors["input"], norm=True, intermediates_only=True)
     torch.testing.assert_close(stages[3], tensors["stage3_normed"], atol=2e-4, rtol=1e-4)
 
 
@@ -177,6 +170,22 @@ def test_features_only_any_size(size):
     for feature, channels in zip(features, (128, 256, 512)):
         expected = tuple((s + 1) // 2 for s in expected)
         assert feature.shape == (1, channels, *expected)
+
+
+def test_features_only_returns_the_normed_stages():
+    torch.manual_seed(0)
+    features = timm.create_model("smt_tiny", features_only=True, depths=(1, 1, 2, 1)).eval()
+    torch.manual_seed(0)  # same initial weights
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).eval()
+    x = torch.randn(1, 3, 80, 112)
+    with torch.no_grad():
+        maps = features(x)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        raw = model.forward_intermediates(x, intermediates_only=True)
+    for feature_map, stage, block_output, norm in zip(maps, normed, raw, (model.norm1, model.norm2, model.norm3,
+                                                                          model.norm4)):
+        torch.testing.assert_close(feature_map, stage)
+        torch.testing.assert_close(stage, norm(block_output.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 def test_forward_intermediates_matches_forward_features():

@@ -103,10 +103,11 @@ def test_features_only_and_forward_intermediates(name):
 
     torch.manual_seed(0)  # same initial weights as the features_only model
     model = _create(name).eval()
+    norm = features.norm  # the family's features_only choice (SMT: after the stage norms)
     with torch.no_grad():
-        final, intermediates = model.forward_intermediates(x)
+        final, intermediates = model.forward_intermediates(x, norm=norm)
         torch.testing.assert_close(final, model.forward_features(x))
-        only = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        only = model.forward_intermediates(x, indices=[1, 3], norm=norm, intermediates_only=True)
     assert [m.shape[1] for m in intermediates] == channels
     for a, b in zip(intermediates, maps):
         torch.testing.assert_close(a, b)
@@ -115,7 +116,7 @@ def test_features_only_and_forward_intermediates(name):
     kept = model.prune_intermediate_layers([0, 1])
     assert kept == [0, 1]
     with torch.no_grad():
-        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        pruned = model.forward_intermediates(x, indices=[0, 1], norm=norm, intermediates_only=True)
     torch.testing.assert_close(pruned[1], intermediates[1])
 
 

@@ -4,10 +4,13 @@ Each query attends to the ``k x k`` keys around it; at the borders the window is
 ``k`` wide (it is never zero-padded). The bias of a key is ``rpb[head, dy + k - 1, dx + k - 1]`` where ``(dy, dx)``
 is the key position minus the query position. The semantics are those of natten 0.14 (used by DAT++).
 """
-from typing import Tuple
+from collections import OrderedDict
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .._layers import caching_allowed
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
 
@@ -95,6 +98,47 @@ def _block_layout(length: int, kernel_size: int, block: int, device: torch.devic
     return query_rows, halo_rows, rel, valid, row_block, row_offset
 
 
+class _Layout(NamedTuple):
+    """Index tensors of the blocked formulation for one map size (see :func:`neighborhood_attention_2d`)."""
+
+    query_index: torch.Tensor  # (nb, T) flat query positions of every block
+    key_index: torch.Tensor  # (nb, K) flat key positions of every block's halo
+    bias_index: torch.Tensor  # (nb * T * K,) flat index into the (2k-1)^2 bias table
+    outside: torch.Tensor  # (nb * T * K,) halo key outside the query's neighborhood
+    out_block: torch.Tensor  # (H * W,) block holding each position's result
+    out_offset: torch.Tensor  # (H * W,) its place inside the block
+
+
+_LAYOUT_CACHE: "OrderedDict[Tuple[int, int, int, int, str], _Layout]" = OrderedDict()
+_LAYOUT_CACHE_SIZE = 32
+
+
+def _layout(height: int, width: int, kernel_size: int, block_size: int, device: torch.device) -> _Layout:
+    """The layout for one size, cached (LRU) outside tracing and compilation: it depends on sizes only."""
+    key = (height, width, kernel_size, block_size, str(device))
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is not None:
+        _LAYOUT_CACHE.move_to_end(key)
+        return layout
+    rows_q, rows_k, rel_h, valid_h, block_h, offset_h = _block_layout(height, kernel_size, block_size, device)
+    cols_q, cols_k, rel_w, valid_w, block_w, offset_w = _block_layout(width, kernel_size, block_size, device)
+    nbw, tw, kw = rel_w.shape
+    span = 2 * kernel_size - 1
+    layout = _Layout(
+        query_index=(rows_q[:, None, :, None] * width + cols_q[None, :, None, :]).reshape(-1, rows_q.shape[1] * tw),
+        key_index=(rows_k[:, None, :, None] * width + cols_k[None, :, None, :]).reshape(-1, rows_k.shape[1] * kw),
+        bias_index=(rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]).reshape(-1),
+        outside=~(valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :]).reshape(-1),
+        out_block=(block_h[:, None] * nbw + block_w[None, :]).reshape(-1),
+        out_offset=(offset_h[:, None] * tw + offset_w[None, :]).reshape(-1),
+    )
+    if caching_allowed():
+        _LAYOUT_CACHE[key] = layout
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    return layout
+
+
 def neighborhood_attention_2d(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 7
 ) -> torch.Tensor:
@@ -102,29 +146,30 @@ def neighborhood_attention_2d(
 
     The map is cut into ``block_size``-square query blocks; each block attends densely (one fused SDPA call for
     all blocks) to the key halo that contains every neighborhood of its queries, with the relative position bias
-    and a -inf mask for halo keys outside a query's neighborhood.
+    and a large negative bias for halo keys outside a query's neighborhood.
+
+    The result is a (B, heads, H, W, head_dim) view of a (B, H, W, heads, head_dim) tensor, so that merging the
+    heads back into channels is free.
     """
     _check_inputs(q, k, v, rpb, kernel_size)
     batch, heads, height, width, head_dim = q.shape
-    rows_q, rows_k, rel_h, valid_h, block_h, offset_h = _block_layout(height, kernel_size, block_size, q.device)
-    cols_q, cols_k, rel_w, valid_w, block_w, offset_w = _block_layout(width, kernel_size, block_size, q.device)
-    nbh, th, kh = rel_h.shape
-    nbw, tw, kw = rel_w.shape
+    with torch.no_grad():
+        layout = _layout(height, width, kernel_size, block_size, q.device)
+    num_blocks, block_len = layout.query_index.shape
+    halo_len = layout.key_index.shape[1]
 
-    def blocks(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, rows[:, :, None, None], cols[None, None, :, :]]  # (B, h, nbh, r, nbw, c, hc)
-        x = x.permute(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(batch, heads * nbh * nbw, rows.shape[1] * cols.shape[1], head_dim)
+    def blocks(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # one gather straight into SDPA's (B, heads * blocks, tokens, head_dim) layout
+        return x.reshape(batch, heads, height * width, head_dim)[:, :, index].reshape(
+            batch, heads * num_blocks, index.shape[1], head_dim)
 
-    span = 2 * kernel_size - 1
-    bias_index = rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]
-    valid = valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :]  # (nbh, nbw, th, tw, kh, kw)
-    bias = rpb.flatten(1)[:, bias_index.reshape(-1)].reshape(heads, nbh * nbw, th * tw, kh * kw)
     # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
-    bias = bias.masked_fill(~valid.reshape(1, nbh * nbw, th * tw, kh * kw), torch.finfo(bias.dtype).min / 2)
+    bias = rpb.flatten(1)[:, layout.bias_index].masked_fill(layout.outside, torch.finfo(rpb.dtype).min / 2)
     out = F.scaled_dot_product_attention(
-        blocks(q, rows_q, cols_q), blocks(k, rows_k, cols_k), blocks(v, rows_k, cols_k),
-        attn_mask=bias.reshape(heads * nbh * nbw, th * tw, kh * kw), scale=1.0,
+        blocks(q, layout.query_index), blocks(k, layout.key_index), blocks(v, layout.key_index),
+        # 4-d: SDPA takes its fused CPU kernel only for 2-d or 4-d masks (a 3-d one falls back to the math path)
+        attn_mask=bias.reshape(1, heads * num_blocks, block_len, halo_len), scale=1.0,
     )
-    out = out.reshape(batch, heads, nbh, nbw, th, tw, head_dim)
-    return out[:, :, block_h[:, None], block_w[None, :], offset_h[:, None], offset_w[None, :]]
+    out = out.reshape(batch, heads, num_blocks, block_len, head_dim).permute(0, 2, 3, 1, 4)
+    out = out[:, layout.out_block, layout.out_offset]  # (B, H*W, heads, head_dim)
+    return out.reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
