@@ -1,5 +1,5 @@
 """Adapter turning any timm ``features_only`` model into a detection backbone with per-level padding masks."""
-from typing import List, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
-__all__ = ["TimmBackbone"]
+__all__ = ["TimmBackbone", "build_backbone", "mask_to_size"]
 
 
 class TimmBackbone(nn.Module):
@@ -92,6 +92,38 @@ class TimmBackbone(nn.Module):
             maps.append(x)
             masks.append(mask_to_size(mask, x.shape[-2:]))
         return maps, masks
+
+
+def build_backbone(
+        backbone: Union[str, nn.Module],
+        out_strides: Sequence[int] = (8, 16, 32),
+        pretrained: bool = False,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+) -> TimmBackbone:
+    """The backbone of a detector builder (``create_detector(..., backbone=..., pretrained_backbone=...)``).
+
+    Args:
+        backbone: A timm model name, a built timm ``features_only`` model, or a :class:`TimmBackbone` (returned
+            as it is).
+        out_strides: The strides the detector reads, unless ``backbone_kwargs`` names its own ``out_strides``.
+        pretrained: Load timm's pretrained weights; only for a backbone given by name.
+        backbone_kwargs: :class:`TimmBackbone` options (``out_strides``, ``freeze_bn``, ``trainable_stages``) and
+            ``timm.create_model`` keyword arguments.
+    """
+    kwargs = dict(backbone_kwargs or {})
+    if isinstance(backbone, TimmBackbone):
+        if kwargs or pretrained:
+            raise ValueError(
+                "pretrained_backbone and backbone_kwargs apply when the backbone is given by name or as a timm "
+                "model, not to an already built TimmBackbone"
+            )
+        return backbone
+    if not isinstance(backbone, str) and pretrained:
+        raise ValueError("pretrained_backbone only applies when the backbone is given by name")
+    out_strides = kwargs.pop("out_strides", out_strides)
+    if isinstance(backbone, str):
+        kwargs["pretrained"] = pretrained
+    return TimmBackbone(backbone, out_strides=out_strides, **kwargs)
 
 
 def _create_features_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
