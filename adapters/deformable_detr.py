@@ -8,7 +8,6 @@ import math
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dat_smt._checkpoint import check_state_dict, load_checkpoint, unwrap_state_dict
@@ -153,10 +152,12 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
+        # In-place residual adds and ReLU on fresh layer outputs that autograd does not keep: at 20k tokens
+        # every avoided temporary is 20-80 MB of memory traffic.
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        src = self.norm1(self.dropout1(attn).add_(src))
+        ffn = self.linear2(self.dropout2(self.linear1(src).relu_()))
+        return self.norm2(self.dropout3(ffn).add_(src))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -183,7 +184,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(self.linear1(tgt).relu_()))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
