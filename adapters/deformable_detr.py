@@ -58,6 +58,10 @@ def input_projections(channels: Sequence[int], d_model: int, num_feature_levels:
     """Per level a conv + GroupNorm(32) to ``d_model`` channels: a 1x1 conv on every backbone map, then a 3x3
     stride-2 conv for every extra level (the first on the raw last backbone map, the others on the previous
     level). Convs are Xavier-initialised with zero bias."""
+    if d_model % 32 != 0:
+        raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) input projections), got {d_model}")
+    if num_feature_levels < len(channels):
+        raise ValueError(f"num_feature_levels ({num_feature_levels}) is below the backbone's {len(channels)} maps")
     projections = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model)) for c in channels]
     in_channels = channels[-1]
     for _ in range(num_feature_levels - len(channels)):
@@ -354,12 +358,6 @@ class DeformableDETR(DetrDetector):
                 num_classes, HungarianMatcher(2.0, 5.0, 2.0), deformable_detr_weight_dict(num_decoder_layers, two_stage)
             )
         super().__init__(backbone, num_classes, criterion, **kwargs)
-        if d_model % 32 != 0:
-            raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) input projections), got {d_model}")
-        if num_feature_levels < len(backbone.channels):
-            raise ValueError(
-                f"num_feature_levels ({num_feature_levels}) is below the backbone's {len(backbone.channels)} maps"
-            )
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.with_box_refine = with_box_refine

@@ -109,12 +109,6 @@ class FocusDETR(DetrDetector):
                 num_classes, HungarianMatcher(2.0, 5.0, 2.0), focus_detr_weight_dict(num_decoder_layers)
             )
         super().__init__(backbone, num_classes, criterion, **kwargs)
-        if d_model % 32 != 0:
-            raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) input projections), got {d_model}")
-        if num_feature_levels < len(backbone.channels):
-            raise ValueError(
-                f"num_feature_levels ({num_feature_levels}) is below the backbone's {len(backbone.channels)} maps"
-            )
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         extra = num_feature_levels - len(backbone.channels)
