@@ -10,7 +10,7 @@ Shared toolkit (stable API used by every detector): :class:`TimmBackbone`, :func
 :class:`DetrDetector` (torchvision calling convention), :func:`create_detector` / :func:`register_detector` /
 :func:`list_detectors`, :func:`evaluate_coco`.
 """
-from .backbone import TimmBackbone, mask_to_size
+from .backbone import TimmBackbone, build_backbone, mask_to_size
 from .coco_eval import evaluate_coco
 from .criterion import SetCriterion, deformable_detr_weight_dict
 from .deformable_detr import (
@@ -60,6 +60,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_sine_embedding",
     "box_xyxy_to_cxcywh",
+    "build_backbone",
     "checkpoint_filter_fn",
     "clones",
     "convert_official_checkpoint",

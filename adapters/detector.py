@@ -28,7 +28,8 @@ class DetrDetector(nn.Module):
 
     Subclasses implement :meth:`forward_detr` (normalised padded batch + mask -> raw outputs: ``pred_logits``
     (B, Q, C), ``pred_boxes`` (B, Q, 4) sigmoid cxcywh relative to the unpadded image, optional
-    ``aux_outputs`` / ``enc_outputs``).
+    ``aux_outputs`` / ``enc_outputs``); detectors that use the training targets inside the model (denoising
+    queries, token-selector supervision) override :meth:`forward_outputs` as well.
 
     Args:
         backbone: The feature extractor.
@@ -66,6 +67,15 @@ class DetrDetector(nn.Module):
         """Normalised (B, 3, H, W) images and (B, H, W) padding mask -> raw predictions."""
         raise NotImplementedError
 
+    def forward_outputs(
+            self, images: torch.Tensor, mask: torch.Tensor, targets: Sequence[Target] | None,
+            image_sizes: Sequence[Tuple[int, int]],
+    ) -> Dict[str, torch.Tensor]:
+        """Raw predictions of :meth:`forward`: ``targets`` are the prepared (normalised cxcywh) training targets,
+        None in eval mode; ``image_sizes`` the unpadded (height, width) of every image. Calls
+        :meth:`forward_detr`, which needs neither."""
+        return self.forward_detr(images, mask)
+
     def forward(self, images: Images, targets: Sequence[Target] | None = None):
         """Losses (training, with targets) or detections (eval); see the class docstring."""
         if self.training and targets is None:
@@ -73,7 +83,7 @@ class DetrDetector(nn.Module):
         batch, mask, sizes = batch_images(images, self.size_divisibility)
         normalized_targets = self.prepare_targets(targets, sizes, batch.device) if targets is not None else None
         batch = self.normalize_images(batch, mask)
-        outputs = self.forward_detr(batch, mask)
+        outputs = self.forward_outputs(batch, mask, normalized_targets if self.training else None, sizes)
         if self.training:
             losses = self.criterion(outputs, normalized_targets)
             weights = self.criterion.weight_dict

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import TimmBackbone, mask_to_size
+from .backbone import TimmBackbone, build_backbone
 from .criterion import SetCriterion
-from .deformable_detr import _build_backbone, encoder_proposals
+from .deformable_detr import encoder_proposals, input_projections, project_levels
 from .detector import DetrDetector
 from .focus_detr_dino import (
     ContrastiveDenoising,
@@ -29,7 +29,7 @@ from .focus_detr_selector import DEFAULT_CASCADE, foreground_targets, level_size
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .registry import register_detector
-from .utils import MLP, Images, batch_images, box_cxcywh_to_xyxy, clones
+from .utils import MLP, box_cxcywh_to_xyxy, clones
 
 __all__ = ["FocusDETR", "FocusCriterion", "focus_detr_weight_dict", "focus_detr"]
 
@@ -109,31 +109,13 @@ class FocusDETR(DetrDetector):
                 num_classes, HungarianMatcher(2.0, 5.0, 2.0), focus_detr_weight_dict(num_decoder_layers)
             )
         super().__init__(backbone, num_classes, criterion, **kwargs)
-        if d_model % 32 != 0:
-            raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) input projections), got {d_model}")
-        if num_feature_levels < len(backbone.channels):
-            raise ValueError(
-                f"num_feature_levels ({num_feature_levels}) is below the backbone's {len(backbone.channels)} maps"
-            )
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         extra = num_feature_levels - len(backbone.channels)
         self.strides = list(backbone.strides) + [backbone.strides[-1] * 2 ** (i + 1) for i in range(extra)]
         self.size_ranges = level_size_ranges(num_feature_levels, overlapping=overlapping_ranges)
 
-        projections = [
-            nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model)) for c in backbone.channels
-        ]
-        in_channels = backbone.channels[-1]
-        for _ in range(extra):
-            projections.append(
-                nn.Sequential(nn.Conv2d(in_channels, d_model, 3, stride=2, padding=1), nn.GroupNorm(32, d_model))
-            )
-            in_channels = d_model
-        self.input_proj = nn.ModuleList(projections)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        self.input_proj = input_projections(backbone.channels, d_model, num_feature_levels)
         self.position_embedding = PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5)
 
         self.encoder = FocusEncoder(
@@ -155,33 +137,18 @@ class FocusDETR(DetrDetector):
         self.class_embed = clones(class_head, num_decoder_layers + 1)
         self.bbox_embed = clones(box_head, num_decoder_layers + 1)
 
-    def forward(self, images: Images, targets: Sequence[dict[str, torch.Tensor]] | None = None):
-        """Losses (training, with targets) or detections (eval); see :class:`DetrDetector`."""
-        if self.training and targets is None:
-            raise ValueError("targets must be given in training mode (call model.eval() for detections)")
-        batch, mask, sizes = batch_images(images, self.size_divisibility)
-        prepared = self.prepare_targets(targets, sizes, batch.device) if targets is not None else None
-        batch = self.normalize_images(batch, mask)
-        outputs = self.forward_detr(batch, mask, prepared if self.training else None, sizes)
-        if self.training:
-            losses = self.criterion(outputs, prepared)
-            weights = self.criterion.weight_dict
-            return {k: v * weights[k] for k, v in losses.items() if k in weights}
-        return self.postprocess(outputs, sizes)
+    def forward_outputs(
+            self, images: torch.Tensor, mask: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]] | None,
+            image_sizes: Sequence[tuple[int, int]],
+    ) -> dict[str, Any]:
+        return self.forward_detr(images, mask, targets, image_sizes)
 
     def forward_features(
             self, images: torch.Tensor, mask: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Projected per-level maps, their masks and positional embeddings (without level embeddings)."""
         features, masks = self.backbone(images, mask)
-        srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
-        masks = list(masks)
-        for lvl in range(len(features), self.num_feature_levels):
-            src = self.input_proj[lvl](features[-1] if lvl == len(features) else srcs[-1])
-            srcs.append(src)
-            masks.append(mask_to_size(mask, src.shape[-2:]))
-        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
-        return srcs, masks, pos
+        return project_levels(self.input_proj, self.position_embedding, features, masks, mask)
 
     def forward_detr(
             self, images: torch.Tensor, mask: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]] | None = None,
@@ -248,5 +215,5 @@ def focus_detr(
         backbone_kwargs: dict[str, Any] | None = None, num_feature_levels: int = 4, **options: Any,
 ) -> FocusDETR:
     """Focus-DETR; ``options`` are :class:`FocusDETR` arguments (``keep_ratio``, ``num_queries``, sizes, ...)."""
-    body = _build_backbone(backbone, max(num_feature_levels, 2), pretrained_backbone, dict(backbone_kwargs or {}))
+    body = build_backbone(backbone, (8, 16, 32), pretrained_backbone, backbone_kwargs)
     return FocusDETR(body, num_classes, num_feature_levels=num_feature_levels, **options)

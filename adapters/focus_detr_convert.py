@@ -41,6 +41,14 @@ _ENCODER_LAYER = {
 }
 
 
+def _rename_prefix(key: str, modules: Mapping[str, str]) -> str | None:
+    """``key`` with its official module prefix (the first of ``modules`` it starts with) renamed; None if none."""
+    for official, ours in modules.items():
+        if key.startswith(official + "."):
+            return ours + key[len(official):]
+    return None
+
+
 def _rename_encoder_key(key: str) -> str | None:
     if key in _ENCODER_TOP_LEVEL:
         return _ENCODER_TOP_LEVEL[key]
@@ -49,9 +57,8 @@ def _rename_encoder_key(key: str) -> str | None:
         return f"selector.scorer.{_SCORER[match.group(1)]}.{match.group(2)}"
     match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
     if match:
-        for official, ours in _ENCODER_LAYER.items():
-            if match.group(2).startswith(official + "."):
-                return f"layers.{match.group(1)}.{ours}{match.group(2)[len(official):]}"
+        renamed = _rename_prefix(match.group(2), _ENCODER_LAYER)
+        return None if renamed is None else f"layers.{match.group(1)}.{renamed}"
     return None
 
 
@@ -120,6 +127,14 @@ _DECODER_LAYER = {
     "ffns.0.layers.0.0": "linear1",
     "ffns.0.layers.1": "linear2",
 }
+_DETECTOR_MODULES = {
+    "transformer.decoder.ref_point_head": "decoder.ref_point_head",
+    "transformer.decoder.norm": "decoder.norm",
+    "transformer.tgt_embed": "tgt_embed",
+    "label_enc": "denoising.label_embed",
+    "class_embed": "class_embed",
+    "bbox_embed": "bbox_embed",
+}
 
 
 def _rename_detector_key(key: str, num_backbone_levels: int) -> str | None:
@@ -131,21 +146,9 @@ def _rename_detector_key(key: str, num_backbone_levels: int) -> str | None:
         return f"input_proj.{level}.{0 if part == 'conv' else 1}.{name}"
     match = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.(.+)", key)
     if match:
-        for official, ours in _DECODER_LAYER.items():
-            if match.group(2).startswith(official + "."):
-                return f"decoder.layers.{match.group(1)}.{ours}{match.group(2)[len(official):]}"
-        return None
-    for official, ours in (
-        ("transformer.decoder.ref_point_head.", "decoder.ref_point_head."),
-        ("transformer.decoder.norm.", "decoder.norm."),
-        ("transformer.tgt_embed.", "tgt_embed."),
-        ("label_enc.", "denoising.label_embed."),
-        ("class_embed.", "class_embed."),
-        ("bbox_embed.", "bbox_embed."),
-    ):
-        if key.startswith(official):
-            return ours + key[len(official):]
-    return None
+        renamed = _rename_prefix(match.group(2), _DECODER_LAYER)
+        return None if renamed is None else f"decoder.layers.{match.group(1)}.{renamed}"
+    return _rename_prefix(key, _DETECTOR_MODULES)
 
 
 def convert_official_focus_detr_state_dict(

@@ -186,7 +186,7 @@ class DinoDecoderLayer(nn.Module):
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
         )
         tgt = self.norm2(tgt + self.dropout2(attended))
-        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(self.linear1(tgt).relu()))))
+        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(self.linear1(tgt).relu_()))))
 
 
 class DinoDecoder(nn.Module):

@@ -63,7 +63,7 @@ class DualAttentionEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.activation = nn.ReLU()
+        self.activation = nn.ReLU(inplace=True)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -101,8 +101,9 @@ class DualAttentionEncoderLayer(nn.Module):
         attended = self.cross_attn(
             query + pos, reference_points, value, spatial_shapes, level_start_index, padding_mask
         )
-        query = self.norm1(query + self.dropout1(attended))
-        query = self.norm2(query + self.dropout3(self.linear2(self.dropout2(self.activation(self.linear1(query))))))
+        query = self.norm1(self.dropout1(attended).add_(query))
+        ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
+        query = self.norm2(self.dropout3(ffn).add_(query))
         return query, selected
 
 

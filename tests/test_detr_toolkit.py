@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from torchvision.ops import generalized_box_iou
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from dat_smt.adapters import (
     HungarianMatcher,
@@ -16,9 +17,11 @@ from dat_smt.adapters import (
     box_cxcywh_to_xyxy,
     box_sine_embedding,
     box_xyxy_to_cxcywh,
+    build_backbone,
     create_detector,
     list_detectors,
 )
+from dat_smt.adapters.backbone import FrozenBatchNorm2d
 
 
 def test_batch_images_pads_to_divisible_size_with_mask():
@@ -229,6 +232,41 @@ def test_timm_backbone_freezes_batchnorm_and_early_stages(out_strides):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
     everything = TimmBackbone("resnet18", trainable_stages=-1, freeze_bn=False)
     assert all(p.requires_grad for p in everything.parameters())
+
+
+def test_one_pass_frozen_batchnorm_matches_torchvision():
+    torchvision_bn = TorchvisionFrozenBatchNorm2d(16, eps=1e-3)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(torchvision_bn, name).normal_()
+    torchvision_bn.running_var.uniform_(0.5, 2.0)
+    bn = FrozenBatchNorm2d(16, eps=1e-3)
+    bn.load_state_dict(torchvision_bn.state_dict())
+    x = torch.randn(2, 16, 9, 7)
+    torch.testing.assert_close(bn(x), torchvision_bn(x), rtol=1e-6, atol=1e-6)
+    assert isinstance(bn, TorchvisionFrozenBatchNorm2d)
+
+
+def test_timm_backbone_channels_last_gives_the_same_maps():
+    torch.manual_seed(0)
+    backbone = TimmBackbone("resnet18").eval()
+    channels_last = TimmBackbone("resnet18", channels_last=True).eval()
+    channels_last.load_state_dict(backbone.state_dict())
+    images, mask, _ = batch_images([torch.rand(3, 70, 90), torch.rand(3, 45, 100)])
+    with torch.no_grad():
+        (expected, expected_masks), (actual, actual_masks) = backbone(images, mask), channels_last(images, mask)
+    for e, a, em, am in zip(expected, actual, expected_masks, actual_masks):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        assert torch.equal(am, em)
+
+
+def test_build_backbone_options_and_errors():
+    backbone = build_backbone("resnet18", (32,), backbone_kwargs={"out_strides": (16, 32), "trainable_stages": -1})
+    assert backbone.strides == [16, 32] and all(p.requires_grad for p in backbone.parameters())
+    assert build_backbone(backbone) is backbone
+    with pytest.raises(ValueError, match="already built TimmBackbone"):
+        build_backbone(backbone, backbone_kwargs={"freeze_bn": False})
+    with pytest.raises(ValueError, match="given by name"):
+        build_backbone(timm.create_model("resnet18", features_only=True), pretrained=True)
 
 
 def test_timm_backbone_rejects_missing_strides_and_non_feature_models():
