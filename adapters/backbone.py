@@ -1,10 +1,11 @@
 """Adapter turning any timm ``features_only`` model into a detection backbone with per-level padding masks."""
+import math
 from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import PatchEmbed, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
@@ -37,6 +38,16 @@ def _one_pass_frozen_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _input_size_divisor(model: nn.Module) -> int:
+    """What input heights and widths must be multiples of: timm patch embeddings that do not pad need whole patches."""
+    divisor = 1
+    for module in model.modules():
+        patch_size = getattr(module, "patch_size", None)
+        if isinstance(module, PatchEmbed) and not module.dynamic_img_pad and patch_size is not None:
+            for size in (patch_size, patch_size) if isinstance(patch_size, int) else patch_size:
+                divisor = math.lcm(divisor, int(size))
+    return divisor
+
 
 class TimmBackbone(nn.Module):
     """The maps of chosen strides of a timm ``features_only`` model, as NCHW tensors with padding masks.
@@ -57,6 +68,8 @@ class TimmBackbone(nn.Module):
 
     Attributes:
         strides: Stride of every returned map.
+        size_divisibility: What padded batches must be multiples of: 1, or the patch size of timm patch embeddings
+            that do not pad (e.g. 4 for Swin).
         channels: Channels of every returned map.
         body: The wrapped timm model; its parameters are ``body.<timm name>``.
     """
@@ -96,6 +109,7 @@ class TimmBackbone(nn.Module):
             model = _one_pass_frozen_batch_norm(freeze_batch_norm_2d(model))
         self.body = model
         self.channels_last = channels_last
+        self.size_divisibility = _input_size_divisor(model)
         self._freeze_early_stages(feature_info.module_name(), reductions, trainable_stages)
 
     def _freeze_early_stages(self, stage_names: List[str], reductions: List[int], trainable_stages: int | None) -> None:

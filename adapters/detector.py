@@ -36,8 +36,11 @@ class DetrDetector(nn.Module):
         num_classes: Number of object classes (sigmoid logits; no background class).
         criterion: Losses used in training; ``criterion.weight_dict`` weights them.
         num_detections: Detections kept per image in eval mode.
-        size_divisibility: Padded batch sizes are multiples of it (32 suits patch-based backbones; the official
-            Deformable DETR pads to the largest image only, i.e. 1: use that for bit-level parity with it).
+        size_divisibility: Padded batch sizes are multiples of it. The default (None) takes the backbone's
+            ``size_divisibility``: 1 for any backbone that runs at any size, which pads to the largest image only, as
+            the official Deformable DETR, SMCA and Focus-DETR pipelines do (extra padding changes border features,
+            level sizes and, with two-stage, the selected proposals); the patch size for timm patch embeddings that
+            need whole patches (Swin).
         image_mean: Normalisation mean of [0, 1] RGB images.
         image_std: Normalisation std.
     """
@@ -48,7 +51,7 @@ class DetrDetector(nn.Module):
             num_classes: int,
             criterion: SetCriterion,
             num_detections: int = 100,
-            size_divisibility: int = 32,
+            size_divisibility: int | None = None,
             image_mean: Sequence[float] = IMAGENET_MEAN,
             image_std: Sequence[float] = IMAGENET_STD,
     ):
@@ -59,6 +62,8 @@ class DetrDetector(nn.Module):
         self.num_classes = num_classes
         self.criterion = criterion
         self.num_detections = num_detections
+        if size_divisibility is None:
+            size_divisibility = getattr(backbone, "size_divisibility", 1)
         self.size_divisibility = size_divisibility
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
