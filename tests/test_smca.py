@@ -162,8 +162,12 @@ TINY = dict(num_queries=6, d_model=32, num_heads=4, num_encoder_layers=1, num_de
 
 
 def _smca_forward_backward(backbone, **options):
+    """Train step and eval on two odd-sized images; returns the model. Checks that every head parameter gets a
+    gradient and that detections are the raw predictions scaled to each image's own (unpadded) size."""
     timm = pytest.importorskip("timm")
-    from dat_smt.adapters import create_detector
+    from torchvision.ops import box_convert
+
+    from dat_smt.adapters import batch_images, create_detector
 
     if not timm.is_model(backbone):
         pytest.skip(f"{backbone} is not registered with timm in this build")
@@ -179,11 +183,25 @@ def _smca_forward_backward(backbone, **options):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    assert model.head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
-    assert model.head.input_proj.weight.grad is not None
-    detections = model.eval()(images)
+    no_grad = [n for n, p in model.head.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+    decoder = model.head.transformer.decoder
+    first_layer = decoder[0] if isinstance(decoder, torch.nn.ModuleList) else decoder.layers[0]
+    assert first_layer.point1.layers[0].weight.grad.abs().sum() > 0
+
+    model.eval()
+    detections = model(images)
     assert [d["boxes"].shape for d in detections] == [(18, 4), (18, 4)]
-    assert (detections[1]["boxes"][:, 2] <= 61).all() and (detections[1]["boxes"][:, 3] <= 83).all()
+    batch, mask, sizes = batch_images(images, model.size_divisibility)
+    with torch.no_grad():
+        raw = model.forward_detr((batch - model.image_mean) / model.image_std, mask)
+    for b, (h, w) in enumerate(sizes):
+        probs = raw["pred_logits"][b].sigmoid()
+        query = probs.flatten().argmax() // probs.shape[1]
+        expected = box_convert(raw["pred_boxes"][b, query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        expected = torch.minimum(expected.clamp(min=0), torch.tensor([w, h, w, h]))
+        torch.testing.assert_close(detections[b]["boxes"][0], expected)
+        torch.testing.assert_close(detections[b]["scores"][0], probs.max())
     return model
 
 
@@ -192,8 +210,20 @@ def test_detector_uses_backbone_stride_and_unpadded_sizes():
     assert model.head.transformer.stride == 32
     model16 = _smca_forward_backward("resnet18", backbone_kwargs=dict(out_strides=(16,)))
     assert model16.head.transformer.stride == 16
-    with pytest.raises(NotImplementedError, match="multi_scale"):
-        _smca_forward_backward("resnet18", multi_scale=True)
+    with pytest.raises(ValueError, match="multi_scale=True"):
+        _smca_forward_backward("resnet18", ms_encoder="dwconv")
+
+
+@pytest.mark.parametrize("ms_encoder", ["attention", "dwconv"])
+def test_multi_scale_forward_backward(ms_encoder):
+    model = _smca_forward_backward("resnet18", multi_scale=True, ms_encoder=ms_encoder)
+    assert model.head.transformer.strides == (8, 16, 32, 64)
+    assert model.head.transformer.energy_factors == (0.25, 0.5, 1.0, 2.0)
+    model = _smca_forward_backward(
+        "resnet18", multi_scale=True, ms_encoder=ms_encoder, num_feature_levels=3,
+        backbone_kwargs=dict(out_strides=(16, 32)),
+    )
+    assert model.head.transformer.strides == (16, 32, 64)
 
 
 def test_channels_last_backbone_forward_backward():
@@ -206,6 +236,8 @@ def test_channels_last_backbone_forward_backward():
 )
 def test_backbone_matrix(backbone):
     _smca_forward_backward(backbone)
+    for ms_encoder in ("attention", "dwconv"):
+        _smca_forward_backward(backbone, multi_scale=True, ms_encoder=ms_encoder)
 
 
 @pytest.mark.slow
