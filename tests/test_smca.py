@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dat_smt.adapters import mask_to_size
 from dat_smt.adapters.smca import SMCAHead, convert_smca_checkpoint, gaussian_log_prior
 
 
@@ -303,3 +304,150 @@ def test_scale_selection_attention_weights_per_image_and_padding():
     torch.testing.assert_close(scale_selection_attention(q, keys, values, priors, masks, scale_logits)[0], out)
     with pytest.raises(ValueError, match="one key"):
         scale_selection_attention(q, keys[:2], values, priors, masks, scale_logits)
+
+
+def _tiny_multi_scale(ms_encoder="attention", **options):
+    from dat_smt.adapters import create_detector
+
+    torch.manual_seed(0)
+    return create_detector(
+        "smca", backbone="resnet18", num_classes=3, multi_scale=True, ms_encoder=ms_encoder,
+        **{**TINY, "num_encoder_layers": 3, **options},
+    ).eval()
+
+
+def test_multi_scale_weights_are_per_image():
+    """Regression for the release's bug (batch element 0's scale weights used for every image): an image's
+    detections must not depend on which other image shares its batch, or on its position in it."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    a, b = torch.rand(3, 64, 96), torch.rand(3, 64, 96)
+    with torch.no_grad():
+        raw_ab = model.forward_detr(*_normalised_batch(model, [a, b]))
+        raw_ba = model.forward_detr(*_normalised_batch(model, [b, a]))
+    weights = raw_ab["scale_weights"]  # (layers, B, Q, scales)
+    assert weights.shape == (TINY["num_decoder_layers"], 2, TINY["num_queries"], 4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    # layer 0 sees only the learned queries (tgt starts at zero); from layer 1 on the weights depend on the image
+    assert not torch.allclose(weights[1:, 0], weights[1:, 1], atol=1e-4)
+    torch.testing.assert_close(raw_ab["scale_weights"][:, 1], raw_ba["scale_weights"][:, 0])
+    torch.testing.assert_close(raw_ab["pred_boxes"][1], raw_ba["pred_boxes"][0])
+    torch.testing.assert_close(raw_ab["pred_logits"][1], raw_ba["pred_logits"][0])
+
+
+def _normalised_batch(model, images):
+    from dat_smt.adapters import batch_images
+
+    batch, mask, _ = batch_images(images, model.size_divisibility)
+    return (batch - model.image_mean) / model.image_std, mask
+
+
+def test_multi_scale_prior_on_every_scale_grid():
+    """At initialisation (learned scales 1) and with zero centre offsets, the log prior of scale s is
+    -(s / 32) * |centre_s - cell|^2 / beta with centre_s = unpadded image size * sigmoid(reference) / s."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    for layer in model.head.transformer.decoder:
+        torch.nn.init.zeros_(layer.point2.weight)
+        torch.nn.init.zeros_(layer.point2.bias)
+    images = [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]
+    batch, mask = _normalised_batch(model, images)
+    maps, masks = model.backbone(batch, mask)
+    srcs = model.head.project(maps)
+    masks = list(masks) + [mask_to_size(mask, s.shape[-2:]) for s in srcs[3:]]
+    pos = [model.position_embedding(m) for m in masks]
+    with torch.no_grad():
+        out = model.head(srcs, masks, pos, torch.tensor([[70, 97], [83, 61]]))
+    centre = out["reference"].sigmoid()  # (B, Q, 2) normalised (x, y)
+    beta = model.head.transformer.decoder[0].beta
+    for scale, (stride, src) in enumerate(zip((8, 16, 32, 64), srcs)):
+        h, w = src.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        for b, (img_h, img_w) in enumerate([(70, 97), (83, 61)]):
+            cx = centre[b, :, 0, None] * img_w / stride
+            cy = centre[b, :, 1, None] * img_h / stride
+            expected = -(stride / 32) * ((cx - xs.flatten()) ** 2 + (cy - ys.flatten()) ** 2) / beta
+            for layer_priors in out["log_priors"]:
+                prior = layer_priors[scale][b]  # (heads, Q, h*w)
+                torch.testing.assert_close(prior, expected.expand_as(prior), atol=1e-4, rtol=1e-5)
+
+
+def test_multi_scale_padding_keys_get_zero_attention():
+    """Changing memory and positions at padded cells of every scale leaves the decoder output unchanged."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    transformer = model.head.transformer
+    torch.manual_seed(1)
+    sizes = [(9, 12), (5, 6), (3, 3), (2, 2)]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in sizes]
+    for m, (h, w) in zip(masks, sizes):
+        m[1, :, w // 2 + 1:] = True
+        m[1, h // 2 + 1:, :] = True
+    memory = [torch.randn(2, h * w, 32) for h, w in sizes]
+    pos = [torch.randn(2, h * w, 32) for h, w in sizes]
+    flat_masks = [m.flatten(1) for m in masks]
+    query_pos = torch.randn(2, TINY["num_queries"], 32)
+    cells = torch.tensor([[[12.0, 9.0], [6.0, 5.0], [3.0, 3.0], [1.5, 1.5]]]).expand(2, -1, -1)
+    layer = transformer.decoder[0]
+
+    def run(memory, pos):
+        with torch.no_grad():
+            return layer(torch.zeros_like(query_pos), memory, pos, query_pos, flat_masks, sizes, cells,
+                         transformer.energy_factors, None)
+
+    tgt, _, _, priors, weights = run(memory, pos)
+    noisy_memory = [m.masked_fill(fm[..., None], 1e3) for m, fm in zip(memory, flat_masks)]
+    noisy_pos = [p.masked_fill(fm[..., None], -1e3) for p, fm in zip(pos, flat_masks)]
+    torch.testing.assert_close(run(noisy_memory, noisy_pos)[0], tgt)
+    assert torch.isfinite(tgt).all()
+
+
+def test_attention_encoder_layout_and_shared_intra_scale_weights():
+    """Intra-scale layers apply one set of weights to each scale separately; only multi-scale layers mix scales."""
+    from dat_smt.adapters.smca import AttentionMultiScaleEncoder, SMCAEncoderLayer
+
+    encoder = AttentionMultiScaleEncoder(5, d_model=16, num_heads=2, dim_feedforward=32, dropout=0.0).eval()
+    assert encoder.multi_scale_layers == (2,)  # 2-1-2
+    srcs = [torch.randn(1, 16, 6, 8), torch.randn(1, 16, 3, 4)]
+    pos = [torch.randn_like(s) for s in srcs]
+    masks = [torch.zeros(1, *s.shape[-2:], dtype=torch.bool) for s in srcs]
+    with torch.no_grad():
+        out = encoder(srcs, pos, masks)
+        changed = encoder([srcs[0], srcs[1] + 1.0], pos, masks)
+        assert not torch.allclose(out[0], changed[0])  # the multi-scale layer lets scale 1 reach scale 0
+
+        intra_only = AttentionMultiScaleEncoder(2, multi_scale_layers=(), d_model=16, num_heads=2,
+                                                dim_feedforward=32, dropout=0.0).eval()
+        out = intra_only(srcs, pos, masks)
+        torch.testing.assert_close(intra_only([srcs[0], srcs[1] + 1.0], pos, masks)[0], out[0])
+        for scale, (src, p) in enumerate(zip(srcs, pos)):
+            tokens, p = src.flatten(2).transpose(1, 2), p.flatten(2).transpose(1, 2)
+            for layer in intra_only.layers:
+                assert isinstance(layer, SMCAEncoderLayer)
+                tokens = layer(tokens, p, None)
+            torch.testing.assert_close(out[scale], tokens)
+    with pytest.raises(ValueError, match="multi_scale_layers"):
+        AttentionMultiScaleEncoder(2, multi_scale_layers=(3,), d_model=16, num_heads=2, dim_feedforward=32,
+                                   dropout=0.0)
+
+
+def test_dwconv_encoder_mixes_neighbouring_scales_both_ways():
+    from dat_smt.adapters.smca import DepthwiseConvMultiScaleEncoderLayer
+
+    layer = DepthwiseConvMultiScaleEncoderLayer(16, num_scales=3, dim_feedforward=32, dropout=0.0).eval()
+    srcs = [torch.randn(1, 16, 11, 13), torch.randn(1, 16, 6, 7), torch.randn(1, 16, 3, 4)]
+    pos = [torch.randn_like(s) for s in srcs]
+    with torch.no_grad():
+        out = layer(srcs, pos)
+        assert [o.shape for o in out] == [s.shape for s in srcs]
+        finer = layer([srcs[0] + 1.0, srcs[1], srcs[2]], pos)
+        coarser = layer([srcs[0], srcs[1], srcs[2] + 1.0], pos)
+        assert not torch.allclose(finer[1], out[1]) and not torch.allclose(coarser[1], out[1])
+        torch.testing.assert_close(finer[2], out[2])  # only neighbouring scales interact within a layer
+        torch.testing.assert_close(coarser[0], out[0])
+        for convs in (layer.fine_to_coarse, layer.coarse_to_fine):
+            for conv in convs:
+                torch.nn.init.zeros_(conv.weight)
+                torch.nn.init.zeros_(conv.bias)
+        out = layer(srcs, pos)
+        torch.testing.assert_close(layer([srcs[0], srcs[1] + 1.0, srcs[2]], pos)[0], out[0])
