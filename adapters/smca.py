@@ -84,25 +84,25 @@ def gaussian_log_prior(
         (B, heads, Q, h*w) log prior.
     """
     h, w = feature_hw
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=centres.device, dtype=centres.dtype),
-        torch.arange(w, device=centres.device, dtype=centres.dtype),
-        indexing="ij",
-    )
-    grid = torch.stack((xs.flatten(), ys.flatten()), -1)  # (h*w, 2)
-    squared = (centres.unsqueeze(-2) - grid).pow(2)  # (B, Q, heads, h*w, 2)
+    # Separable form: per-axis squared distances (B, heads, Q, w) and (B, heads, Q, h), broadcast to the grid,
+    # so no (B, Q, heads, h*w, 2) intermediate is built (it dominates memory on stride-8 maps).
+    centres = centres.transpose(1, 2)
+    dx2 = (centres[..., 0, None] - torch.arange(w, device=centres.device, dtype=centres.dtype)).pow(2)
+    dy2 = (centres[..., 1, None] - torch.arange(h, device=centres.device, dtype=centres.dtype)).pow(2)
+    dx2, dy2 = dx2[..., None, :], dy2[..., :, None]
+    if scales is not None:
+        scales = scales.transpose(1, 2)[..., None, None]
     if dynamic_scale == "type1":
-        energy = squared.sum(-1)
+        energy = dx2 + dy2
     elif dynamic_scale == "type2":
-        energy = squared.sum(-1) * scales
+        energy = (dx2 + dy2) * scales[..., 0, :, :]
     elif dynamic_scale == "type3":
-        energy = (squared * scales.unsqueeze(-2)).sum(-1)
+        energy = dx2 * scales[..., 0, :, :] + dy2 * scales[..., 1, :, :]
     elif dynamic_scale == "type4":
-        terms = torch.cat([squared, squared.prod(-1, keepdim=True)], -1)
-        energy = (terms * scales.unsqueeze(-2)).sum(-1)
+        energy = dx2 * scales[..., 0, :, :] + dy2 * scales[..., 1, :, :] + dx2 * dy2 * scales[..., 2, :, :]
     else:
         raise ValueError(f"dynamic_scale must be one of {sorted(DYNAMIC_SCALES)}, got {dynamic_scale!r}")
-    return (-energy.abs() / beta).permute(0, 2, 1, 3)
+    return (-energy.abs() / beta).flatten(-2)
 
 
 
@@ -705,8 +705,10 @@ class MultiScaleSMCADecoderLayer(nn.Module):
         for index, hw in enumerate(feature_hw):
             head_centres = (cell_size_wh[:, None, index] * centre).unsqueeze(2) + offsets[:, :, index]
             scale = None if scales is None else scales[:, :, index]
-            prior = gaussian_log_prior(head_centres, scale, hw, self.dynamic_scale, self.beta)
-            log_priors.append(prior * energy_factors[index])
+            # -|f E| / beta = -|E| / (beta / f): the scale's energy factor folded into beta
+            log_priors.append(
+                gaussian_log_prior(head_centres, scale, hw, self.dynamic_scale, self.beta / energy_factors[index])
+            )
 
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))

@@ -117,6 +117,31 @@ def test_resnet50_backbone_keys_map_onto_timm():
         torch.testing.assert_close(backbone(x)[-1], torch.nn.Sequential(*list(body.children())[:-2])(x))
 
 
+@pytest.mark.parametrize("dynamic_scale", ["type1", "type2", "type3", "type4"])
+def test_gaussian_log_prior_matches_dense_definition(dynamic_scale):
+    """Against the definition, cell by cell: dx = cx - j, dy = cy - i on the integer grid of the padded map."""
+    torch.manual_seed(0)
+    batch, queries, heads, h, w = 2, 3, 4, 5, 7
+    centres = torch.rand(batch, queries, heads, 2, dtype=torch.float64) * torch.tensor([w, h])
+    terms = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}[dynamic_scale]
+    scales = torch.rand(batch, queries, heads, terms, dtype=torch.float64) if terms else None
+    prior = gaussian_log_prior(centres, scales, (h, w), dynamic_scale, beta=8.0)
+    assert prior.shape == (batch, heads, queries, h * w)
+    for i in range(h):
+        for j in range(w):
+            dx2 = (centres[..., 0] - j) ** 2
+            dy2 = (centres[..., 1] - i) ** 2
+            if dynamic_scale == "type1":
+                energy = dx2 + dy2
+            elif dynamic_scale == "type2":
+                energy = (dx2 + dy2) * scales[..., 0]
+            elif dynamic_scale == "type3":
+                energy = dx2 * scales[..., 0] + dy2 * scales[..., 1]
+            else:
+                energy = dx2 * scales[..., 0] + dy2 * scales[..., 1] + dx2 * dy2 * scales[..., 2]
+            torch.testing.assert_close(prior[..., i * w + j], (-energy.abs() / 8.0).transpose(1, 2))
+
+
 def test_prior_concentrates_as_beta_shrinks():
     centres = torch.tensor([[[[3.3, 2.6]]]])  # (B, Q, heads, 2)
     scales = torch.ones(1, 1, 1, 2)
