@@ -266,9 +266,13 @@ def test_backbone_matrix(backbone):
         _smca_forward_backward(backbone, multi_scale=True, ms_encoder=ms_encoder)
 
 
-@pytest.mark.slow
-def test_short_training_on_shapes_reaches_nontrivial_ap():
-    """A seeded CPU run fits 16 generated images: the loss falls and pycocotools AP50 on them rises."""
+def _train_on_shapes(**options):
+    """A seeded CPU run on 16 generated one-object images: returns (losses, AP metrics before, after).
+
+    AdamW 1e-3 with a tenfold drop for the last third (the loss of single batches of 4 is noisy; the drop settles
+    it), gradient clipping 0.1 as the official recipe; the backbone trains fully and computes only the stages it
+    returns (``out_indices``).
+    """
     from dat_smt.adapters import create_detector, evaluate_coco
     from dat_smt.shapes import ShapesDetectionDataset
 
@@ -277,24 +281,48 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
     data = [dataset[i] for i in range(len(dataset))]
     model = create_detector(
         "smca", backbone="resnet18", num_classes=4, d_model=64, num_heads=4, num_encoder_layers=1,
-        num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0,
-        backbone_kwargs=dict(trainable_stages=-1, freeze_bn=False, out_strides=(16,)),
+        num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0, **options,
     ).train()
     before = evaluate_coco(model, data)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    steps = 120
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2 * steps // 3], 0.1)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(120):
+    for _ in range(steps):
         idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
         loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
-    assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
-    after = evaluate_coco(model, data)
-    assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)
+    return losses, before, evaluate_coco(model, data)
+
+
+def _assert_learned(losses, before, after):
+    """Mean loss of the last 10 steps at most half that of the first 10 (seeds and thread counts measured
+    0.19-0.38), and pycocotools AP50 on the training images from chance to well above it (measured 0.67-0.83)."""
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert before["AP50"] < 0.05 and after["AP50"] > 0.4, (before, after)
+
+
+@pytest.mark.slow
+def test_short_training_on_shapes_reaches_nontrivial_ap():
+    """Single-scale SMCA on the stride-16 map fits the shapes: the loss falls and AP50 rises."""
+    backbone_kwargs = dict(trainable_stages=-1, freeze_bn=False, out_strides=(16,), out_indices=(3,))
+    _assert_learned(*_train_on_shapes(backbone_kwargs=backbone_kwargs))
+
+
+@pytest.mark.slow
+def test_short_multi_scale_training_on_shapes_reaches_nontrivial_ap():
+    """Multi-scale SMCA (attention encoder) on strides 8, 16 and an extra 32 fits the same shapes."""
+    backbone_kwargs = dict(trainable_stages=-1, freeze_bn=False, out_strides=(8, 16), out_indices=(2, 3))
+    _assert_learned(*_train_on_shapes(
+        multi_scale=True, ms_encoder="attention", num_feature_levels=3, backbone_kwargs=backbone_kwargs
+    ))
 
 
 def test_scale_selection_attention_weights_per_image_and_padding():
