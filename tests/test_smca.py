@@ -302,11 +302,13 @@ def _train_on_shapes(**options):
 
 
 def _assert_learned(losses, before, after):
-    """Mean loss of the last 10 steps at most half that of the first 10 (seeds and thread counts measured
-    0.19-0.38), and pycocotools AP50 on the training images from chance to well above it (measured 0.67-0.83)."""
+    """Mean loss of the last 10 steps well below that of the first 10, and pycocotools AP50 on the training
+    images from chance to well above it. The trajectory is chaotic (thread count and CPU change it): with one
+    thread, seeds 0-2 measured loss ratios 0.29-0.38 and AP50 0.67-0.93 (single scale), 0.24 and 0.60 (multi
+    scale), so the bounds leave a wide margin."""
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.5 * first, (first, last)
-    assert before["AP50"] < 0.05 and after["AP50"] > 0.4, (before, after)
+    assert last < 0.6 * first, (first, last)
+    assert before["AP50"] < 0.05 and after["AP50"] > 0.25, (before, after)
 
 
 @pytest.mark.slow
