@@ -27,7 +27,7 @@ from .focus_detr import FocusCriterion, FocusDETR, focus_detr_weight_dict
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine, box_sine_embedding
 from .registry import create_detector, list_detectors, register_detector
-from .smca import SMCADETR, SMCAHead, SMCATransformer, convert_smca_checkpoint
+from .smca import SMCADETR, SMCAHead, SMCAMultiScaleDETR, SMCATransformer, convert_smca_checkpoint
 from .utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,6 +53,7 @@ __all__ = [
     "PositionEmbeddingSine",
     "SMCADETR",
     "SMCAHead",
+    "SMCAMultiScaleDETR",
     "SMCATransformer",
     "SetCriterion",
     "TimmBackbone",

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dat_smt.adapters import mask_to_size
 from dat_smt.adapters.smca import SMCAHead, convert_smca_checkpoint, gaussian_log_prior
 
 
@@ -116,6 +117,31 @@ def test_resnet50_backbone_keys_map_onto_timm():
         torch.testing.assert_close(backbone(x)[-1], torch.nn.Sequential(*list(body.children())[:-2])(x))
 
 
+@pytest.mark.parametrize("dynamic_scale", ["type1", "type2", "type3", "type4"])
+def test_gaussian_log_prior_matches_dense_definition(dynamic_scale):
+    """Against the definition, cell by cell: dx = cx - j, dy = cy - i on the integer grid of the padded map."""
+    torch.manual_seed(0)
+    batch, queries, heads, h, w = 2, 3, 4, 5, 7
+    centres = torch.rand(batch, queries, heads, 2, dtype=torch.float64) * torch.tensor([w, h])
+    terms = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}[dynamic_scale]
+    scales = torch.rand(batch, queries, heads, terms, dtype=torch.float64) if terms else None
+    prior = gaussian_log_prior(centres, scales, (h, w), dynamic_scale, beta=8.0)
+    assert prior.shape == (batch, heads, queries, h * w)
+    for i in range(h):
+        for j in range(w):
+            dx2 = (centres[..., 0] - j) ** 2
+            dy2 = (centres[..., 1] - i) ** 2
+            if dynamic_scale == "type1":
+                energy = dx2 + dy2
+            elif dynamic_scale == "type2":
+                energy = (dx2 + dy2) * scales[..., 0]
+            elif dynamic_scale == "type3":
+                energy = dx2 * scales[..., 0] + dy2 * scales[..., 1]
+            else:
+                energy = dx2 * scales[..., 0] + dy2 * scales[..., 1] + dx2 * dy2 * scales[..., 2]
+            torch.testing.assert_close(prior[..., i * w + j], (-energy.abs() / 8.0).transpose(1, 2))
+
+
 def test_prior_concentrates_as_beta_shrinks():
     centres = torch.tensor([[[[3.3, 2.6]]]])  # (B, Q, heads, 2)
     scales = torch.ones(1, 1, 1, 2)
@@ -162,8 +188,12 @@ TINY = dict(num_queries=6, d_model=32, num_heads=4, num_encoder_layers=1, num_de
 
 
 def _smca_forward_backward(backbone, **options):
+    """Train step and eval on two odd-sized images; returns the model. Checks that every head parameter gets a
+    gradient and that detections are the raw predictions scaled to each image's own (unpadded) size."""
     timm = pytest.importorskip("timm")
-    from dat_smt.adapters import create_detector
+    from torchvision.ops import box_convert
+
+    from dat_smt.adapters import batch_images, create_detector
 
     if not timm.is_model(backbone):
         pytest.skip(f"{backbone} is not registered with timm in this build")
@@ -179,11 +209,25 @@ def _smca_forward_backward(backbone, **options):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    assert model.head.transformer.decoder.layers[0].point1.layers[0].weight.grad.abs().sum() > 0
-    assert model.head.input_proj.weight.grad is not None
-    detections = model.eval()(images)
+    no_grad = [n for n, p in model.head.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+    decoder = model.head.transformer.decoder
+    first_layer = decoder[0] if isinstance(decoder, torch.nn.ModuleList) else decoder.layers[0]
+    assert first_layer.point1.layers[0].weight.grad.abs().sum() > 0
+
+    model.eval()
+    detections = model(images)
     assert [d["boxes"].shape for d in detections] == [(18, 4), (18, 4)]
-    assert (detections[1]["boxes"][:, 2] <= 61).all() and (detections[1]["boxes"][:, 3] <= 83).all()
+    batch, mask, sizes = batch_images(images, model.size_divisibility)
+    with torch.no_grad():
+        raw = model.forward_detr((batch - model.image_mean) / model.image_std, mask)
+    for b, (h, w) in enumerate(sizes):
+        probs = raw["pred_logits"][b].sigmoid()
+        query = probs.flatten().argmax() // probs.shape[1]
+        expected = box_convert(raw["pred_boxes"][b, query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        expected = torch.minimum(expected.clamp(min=0), torch.tensor([w, h, w, h]))
+        torch.testing.assert_close(detections[b]["boxes"][0], expected)
+        torch.testing.assert_close(detections[b]["scores"][0], probs.max())
     return model
 
 
@@ -192,8 +236,20 @@ def test_detector_uses_backbone_stride_and_unpadded_sizes():
     assert model.head.transformer.stride == 32
     model16 = _smca_forward_backward("resnet18", backbone_kwargs=dict(out_strides=(16,)))
     assert model16.head.transformer.stride == 16
-    with pytest.raises(NotImplementedError, match="multi_scale"):
-        _smca_forward_backward("resnet18", multi_scale=True)
+    with pytest.raises(ValueError, match="multi_scale=True"):
+        _smca_forward_backward("resnet18", ms_encoder="dwconv")
+
+
+@pytest.mark.parametrize("ms_encoder", ["attention", "dwconv"])
+def test_multi_scale_forward_backward(ms_encoder):
+    model = _smca_forward_backward("resnet18", multi_scale=True, ms_encoder=ms_encoder)
+    assert model.head.transformer.strides == (8, 16, 32, 64)
+    assert model.head.transformer.energy_factors == (0.25, 0.5, 1.0, 2.0)
+    model = _smca_forward_backward(
+        "resnet18", multi_scale=True, ms_encoder=ms_encoder, num_feature_levels=3,
+        backbone_kwargs=dict(out_strides=(16, 32)),
+    )
+    assert model.head.transformer.strides == (16, 32, 64)
 
 
 def test_channels_last_backbone_forward_backward():
@@ -206,11 +262,17 @@ def test_channels_last_backbone_forward_backward():
 )
 def test_backbone_matrix(backbone):
     _smca_forward_backward(backbone)
+    for ms_encoder in ("attention", "dwconv"):
+        _smca_forward_backward(backbone, multi_scale=True, ms_encoder=ms_encoder)
 
 
-@pytest.mark.slow
-def test_short_training_on_shapes_reaches_nontrivial_ap():
-    """A seeded CPU run fits 16 generated images: the loss falls and pycocotools AP50 on them rises."""
+def _train_on_shapes(**options):
+    """A seeded CPU run on 16 generated one-object images: returns (losses, AP metrics before, after).
+
+    AdamW 1e-3 with a tenfold drop for the last third (the loss of single batches of 4 is noisy; the drop settles
+    it), gradient clipping 0.1 as the official recipe; the backbone trains fully and computes only the stages it
+    returns (``out_indices``).
+    """
     from dat_smt.adapters import create_detector, evaluate_coco
     from dat_smt.shapes import ShapesDetectionDataset
 
@@ -219,24 +281,50 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
     data = [dataset[i] for i in range(len(dataset))]
     model = create_detector(
         "smca", backbone="resnet18", num_classes=4, d_model=64, num_heads=4, num_encoder_layers=1,
-        num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0,
-        backbone_kwargs=dict(trainable_stages=-1, freeze_bn=False, out_strides=(16,)),
+        num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0, **options,
     ).train()
     before = evaluate_coco(model, data)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    steps = 120
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2 * steps // 3], 0.1)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(120):
+    for _ in range(steps):
         idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
         loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
-    assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
-    after = evaluate_coco(model, data)
-    assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)
+    return losses, before, evaluate_coco(model, data)
+
+
+def _assert_learned(losses, before, after):
+    """Mean loss of the last 10 steps well below that of the first 10, and pycocotools AP50 on the training
+    images from chance to well above it. The trajectory is chaotic (thread count and CPU change it): with one
+    thread, seeds 0-2 measured loss ratios 0.29-0.38 and AP50 0.67-0.93 (single scale), 0.24 and 0.60 (multi
+    scale), so the bounds leave a wide margin."""
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert before["AP50"] < 0.05 and after["AP50"] > 0.25, (before, after)
+
+
+@pytest.mark.slow
+def test_short_training_on_shapes_reaches_nontrivial_ap():
+    """Single-scale SMCA on the stride-16 map fits the shapes: the loss falls and AP50 rises."""
+    backbone_kwargs = dict(trainable_stages=-1, freeze_bn=False, out_strides=(16,), out_indices=(3,))
+    _assert_learned(*_train_on_shapes(backbone_kwargs=backbone_kwargs))
+
+
+@pytest.mark.slow
+def test_short_multi_scale_training_on_shapes_reaches_nontrivial_ap():
+    """Multi-scale SMCA (attention encoder) on strides 8, 16 and an extra 32 fits the same shapes."""
+    backbone_kwargs = dict(trainable_stages=-1, freeze_bn=False, out_strides=(8, 16), out_indices=(2, 3))
+    _assert_learned(*_train_on_shapes(
+        multi_scale=True, ms_encoder="attention", num_feature_levels=3, backbone_kwargs=backbone_kwargs
+    ))
 
 
 def test_scale_selection_attention_weights_per_image_and_padding():
@@ -271,3 +359,150 @@ def test_scale_selection_attention_weights_per_image_and_padding():
     torch.testing.assert_close(scale_selection_attention(q, keys, values, priors, masks, scale_logits)[0], out)
     with pytest.raises(ValueError, match="one key"):
         scale_selection_attention(q, keys[:2], values, priors, masks, scale_logits)
+
+
+def _tiny_multi_scale(ms_encoder="attention", **options):
+    from dat_smt.adapters import create_detector
+
+    torch.manual_seed(0)
+    return create_detector(
+        "smca", backbone="resnet18", num_classes=3, multi_scale=True, ms_encoder=ms_encoder,
+        **{**TINY, "num_encoder_layers": 3, **options},
+    ).eval()
+
+
+def test_multi_scale_weights_are_per_image():
+    """Regression for the release's bug (batch element 0's scale weights used for every image): an image's
+    detections must not depend on which other image shares its batch, or on its position in it."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    a, b = torch.rand(3, 64, 96), torch.rand(3, 64, 96)
+    with torch.no_grad():
+        raw_ab = model.forward_detr(*_normalised_batch(model, [a, b]))
+        raw_ba = model.forward_detr(*_normalised_batch(model, [b, a]))
+    weights = raw_ab["scale_weights"]  # (layers, B, Q, scales)
+    assert weights.shape == (TINY["num_decoder_layers"], 2, TINY["num_queries"], 4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    # layer 0 sees only the learned queries (tgt starts at zero); from layer 1 on the weights depend on the image
+    assert not torch.allclose(weights[1:, 0], weights[1:, 1], atol=1e-4)
+    torch.testing.assert_close(raw_ab["scale_weights"][:, 1], raw_ba["scale_weights"][:, 0])
+    torch.testing.assert_close(raw_ab["pred_boxes"][1], raw_ba["pred_boxes"][0])
+    torch.testing.assert_close(raw_ab["pred_logits"][1], raw_ba["pred_logits"][0])
+
+
+def _normalised_batch(model, images):
+    from dat_smt.adapters import batch_images
+
+    batch, mask, _ = batch_images(images, model.size_divisibility)
+    return (batch - model.image_mean) / model.image_std, mask
+
+
+def test_multi_scale_prior_on_every_scale_grid():
+    """At initialisation (learned scales 1) and with zero centre offsets, the log prior of scale s is
+    -(s / 32) * |centre_s - cell|^2 / beta with centre_s = unpadded image size * sigmoid(reference) / s."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    for layer in model.head.transformer.decoder:
+        torch.nn.init.zeros_(layer.point2.weight)
+        torch.nn.init.zeros_(layer.point2.bias)
+    images = [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]
+    batch, mask = _normalised_batch(model, images)
+    maps, masks = model.backbone(batch, mask)
+    srcs = model.head.project(maps)
+    masks = list(masks) + [mask_to_size(mask, s.shape[-2:]) for s in srcs[3:]]
+    pos = [model.position_embedding(m) for m in masks]
+    with torch.no_grad():
+        out = model.head(srcs, masks, pos, torch.tensor([[70, 97], [83, 61]]))
+    centre = out["reference"].sigmoid()  # (B, Q, 2) normalised (x, y)
+    beta = model.head.transformer.decoder[0].beta
+    for scale, (stride, src) in enumerate(zip((8, 16, 32, 64), srcs)):
+        h, w = src.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        for b, (img_h, img_w) in enumerate([(70, 97), (83, 61)]):
+            cx = centre[b, :, 0, None] * img_w / stride
+            cy = centre[b, :, 1, None] * img_h / stride
+            expected = -(stride / 32) * ((cx - xs.flatten()) ** 2 + (cy - ys.flatten()) ** 2) / beta
+            for layer_priors in out["log_priors"]:
+                prior = layer_priors[scale][b]  # (heads, Q, h*w)
+                torch.testing.assert_close(prior, expected.expand_as(prior), atol=1e-4, rtol=1e-5)
+
+
+def test_multi_scale_padding_keys_get_zero_attention():
+    """Changing memory and positions at padded cells of every scale leaves the decoder output unchanged."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale()
+    transformer = model.head.transformer
+    torch.manual_seed(1)
+    sizes = [(9, 12), (5, 6), (3, 3), (2, 2)]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in sizes]
+    for m, (h, w) in zip(masks, sizes):
+        m[1, :, w // 2 + 1:] = True
+        m[1, h // 2 + 1:, :] = True
+    memory = [torch.randn(2, h * w, 32) for h, w in sizes]
+    pos = [torch.randn(2, h * w, 32) for h, w in sizes]
+    flat_masks = [m.flatten(1) for m in masks]
+    query_pos = torch.randn(2, TINY["num_queries"], 32)
+    cells = torch.tensor([[[12.0, 9.0], [6.0, 5.0], [3.0, 3.0], [1.5, 1.5]]]).expand(2, -1, -1)
+    layer = transformer.decoder[0]
+
+    def run(memory, pos):
+        with torch.no_grad():
+            return layer(torch.zeros_like(query_pos), memory, pos, query_pos, flat_masks, sizes, cells,
+                         transformer.energy_factors, None)
+
+    tgt, _, _, priors, weights = run(memory, pos)
+    noisy_memory = [m.masked_fill(fm[..., None], 1e3) for m, fm in zip(memory, flat_masks)]
+    noisy_pos = [p.masked_fill(fm[..., None], -1e3) for p, fm in zip(pos, flat_masks)]
+    torch.testing.assert_close(run(noisy_memory, noisy_pos)[0], tgt)
+    assert torch.isfinite(tgt).all()
+
+
+def test_attention_encoder_layout_and_shared_intra_scale_weights():
+    """Intra-scale layers apply one set of weights to each scale separately; only multi-scale layers mix scales."""
+    from dat_smt.adapters.smca import AttentionMultiScaleEncoder, SMCAEncoderLayer
+
+    encoder = AttentionMultiScaleEncoder(5, d_model=16, num_heads=2, dim_feedforward=32, dropout=0.0).eval()
+    assert encoder.multi_scale_layers == (2,)  # 2-1-2
+    srcs = [torch.randn(1, 16, 6, 8), torch.randn(1, 16, 3, 4)]
+    pos = [torch.randn_like(s) for s in srcs]
+    masks = [torch.zeros(1, *s.shape[-2:], dtype=torch.bool) for s in srcs]
+    with torch.no_grad():
+        out = encoder(srcs, pos, masks)
+        changed = encoder([srcs[0], srcs[1] + 1.0], pos, masks)
+        assert not torch.allclose(out[0], changed[0])  # the multi-scale layer lets scale 1 reach scale 0
+
+        intra_only = AttentionMultiScaleEncoder(2, multi_scale_layers=(), d_model=16, num_heads=2,
+                                                dim_feedforward=32, dropout=0.0).eval()
+        out = intra_only(srcs, pos, masks)
+        torch.testing.assert_close(intra_only([srcs[0], srcs[1] + 1.0], pos, masks)[0], out[0])
+        for scale, (src, p) in enumerate(zip(srcs, pos)):
+            tokens, p = src.flatten(2).transpose(1, 2), p.flatten(2).transpose(1, 2)
+            for layer in intra_only.layers:
+                assert isinstance(layer, SMCAEncoderLayer)
+                tokens = layer(tokens, p, None)
+            torch.testing.assert_close(out[scale], tokens)
+    with pytest.raises(ValueError, match="multi_scale_layers"):
+        AttentionMultiScaleEncoder(2, multi_scale_layers=(3,), d_model=16, num_heads=2, dim_feedforward=32,
+                                   dropout=0.0)
+
+
+def test_dwconv_encoder_mixes_neighbouring_scales_both_ways():
+    from dat_smt.adapters.smca import DepthwiseConvMultiScaleEncoderLayer
+
+    layer = DepthwiseConvMultiScaleEncoderLayer(16, num_scales=3, dim_feedforward=32, dropout=0.0).eval()
+    srcs = [torch.randn(1, 16, 11, 13), torch.randn(1, 16, 6, 7), torch.randn(1, 16, 3, 4)]
+    pos = [torch.randn_like(s) for s in srcs]
+    with torch.no_grad():
+        out = layer(srcs, pos)
+        assert [o.shape for o in out] == [s.shape for s in srcs]
+        finer = layer([srcs[0] + 1.0, srcs[1], srcs[2]], pos)
+        coarser = layer([srcs[0], srcs[1], srcs[2] + 1.0], pos)
+        assert not torch.allclose(finer[1], out[1]) and not torch.allclose(coarser[1], out[1])
+        torch.testing.assert_close(finer[2], out[2])  # only neighbouring scales interact within a layer
+        torch.testing.assert_close(coarser[0], out[0])
+        for convs in (layer.fine_to_coarse, layer.coarse_to_fine):
+            for conv in convs:
+                torch.nn.init.zeros_(conv.weight)
+                torch.nn.init.zeros_(conv.bias)
+        out = layer(srcs, pos)
+        torch.testing.assert_close(layer([srcs[0], srcs[1] + 1.0, srcs[2]], pos)[0], out[0])
