@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dat_smt._checkpoint import check_state_dict
 
-from .backbone import TimmBackbone, mask_to_size
+from .backbone import TimmBackbone, build_backbone, mask_to_size
 from .criterion import SetCriterion, deformable_detr_weight_dict
 from .detector import DetrDetector
 from .matcher import HungarianMatcher
@@ -990,13 +990,7 @@ def smca(
         for option in ("ms_encoder", "num_feature_levels", "multi_scale_layers", "dwconv_kernel_size"):
             if option in options:
                 raise ValueError(f"{option} only applies to multi-scale SMCA (multi_scale=True)")
-    if isinstance(backbone, TimmBackbone):
-        body = backbone
-    else:
-        kwargs = dict(backbone_kwargs or {})
-        out_strides = kwargs.pop("out_strides", (8, 16, 32) if multi_scale else (32,))
-        extra = {"pretrained": pretrained_backbone} if isinstance(backbone, str) else {}
-        body = TimmBackbone(backbone, out_strides=out_strides, **extra, **kwargs)
+    body = build_backbone(backbone, (8, 16, 32) if multi_scale else (32,), pretrained_backbone, backbone_kwargs)
     if multi_scale:
         return SMCAMultiScaleDETR(body, num_classes, **options)
     return SMCADETR(body, num_classes, **options)

@@ -220,7 +220,7 @@ def _smca_forward_backward(backbone, **options):
     assert [d["boxes"].shape for d in detections] == [(18, 4), (18, 4)]
     batch, mask, sizes = batch_images(images, model.size_divisibility)
     with torch.no_grad():
-        raw = model.forward_detr((batch - model.image_mean) / model.image_std, mask)
+        raw = model.forward_detr(model.normalize_images(batch, mask), mask)
     for b, (h, w) in enumerate(sizes):
         probs = raw["pred_logits"][b].sigmoid()
         query = probs.flatten().argmax() // probs.shape[1]
@@ -394,7 +394,7 @@ def _normalised_batch(model, images):
     from dat_smt.adapters import batch_images
 
     batch, mask, _ = batch_images(images, model.size_divisibility)
-    return (batch - model.image_mean) / model.image_std, mask
+    return model.normalize_images(batch, mask), mask
 
 
 def test_multi_scale_prior_on_every_scale_grid():
