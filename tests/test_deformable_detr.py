@@ -205,7 +205,6 @@ def test_bad_images_raise_clear_errors():
 
 def test_empty_degenerate_and_outside_boxes_train_without_nan():
     model = _tiny_model(two_stage=True, with_box_refine=True)
-    # (a 1 x 1 stride-64 map would leave GroupNorm(32) of the tiny width a single value per group)
     images = [torch.rand(3, 70, 60), torch.rand(3, 40, 45), torch.rand(3, 40, 45)]
     targets = [
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
