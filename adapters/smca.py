@@ -248,9 +248,10 @@ class SMCADecoderLayer(nn.Module):
 
     ``o = norm4(tgt + query_pos)`` (from the layer input) drives the normalised centre (``point1``, first layer
     only; later layers reuse it) and, per scale and head, the centre offsets (``point2``, in that scale's cells)
-    and the squared scales (``point3``). On one scale the co-attention is :class:`GaussianCrossAttention` and
-    the parameters are the official single-scale ones; on several it is :class:`MultiScaleGaussianCrossAttention`
-    and ``point4`` gives the per-query scale logits.
+    and the squared scales (``point3``). With ``num_scales=None`` the layer is the official single-scale one
+    (one map, :class:`GaussianCrossAttention`, official parameter names); with a number of scales the
+    co-attention is scale selection (:class:`MultiScaleGaussianCrossAttention`) over that many maps and
+    ``point4`` gives the per-query scale logits.
     """
 
     def __init__(
@@ -262,19 +263,20 @@ class SMCADecoderLayer(nn.Module):
         dynamic_scale: str,
         beta: float,
         predicts_centre: bool,
-        num_scales: int = 1,
+        num_scales: int | None = None,
     ) -> None:
         super().__init__()
         if dynamic_scale not in DYNAMIC_SCALES:
             raise ValueError(f"dynamic_scale must be one of {sorted(DYNAMIC_SCALES)}, got {dynamic_scale!r}")
-        if num_scales < 1:
-            raise ValueError(f"num_scales must be at least 1, got {num_scales}")
+        if num_scales is not None and num_scales < 1:
+            raise ValueError(f"num_scales must be None (single-scale layer) or at least 1, got {num_scales}")
         self.num_heads = num_heads
-        self.num_scales = num_scales
+        self.scale_selection = num_scales is not None
+        self.num_scales = num_scales or 1
         self.dynamic_scale = dynamic_scale
         self.beta = beta
         self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        cross_attention = GaussianCrossAttention if num_scales == 1 else MultiScaleGaussianCrossAttention
+        cross_attention = MultiScaleGaussianCrossAttention if self.scale_selection else GaussianCrossAttention
         self.multihead_attn = cross_attention(d_model, num_heads, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -285,14 +287,14 @@ class SMCADecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         if predicts_centre:
             self.point1 = MLP(d_model, d_model, 2, 3)
-        self.point2 = nn.Linear(d_model, 2 * num_heads * num_scales)
+        self.point2 = nn.Linear(d_model, 2 * num_heads * self.num_scales)
         num_terms = DYNAMIC_SCALES[dynamic_scale]
         if num_terms:
-            self.point3 = nn.Linear(d_model, num_terms * num_heads * num_scales)
+            self.point3 = nn.Linear(d_model, num_terms * num_heads * self.num_scales)
             nn.init.zeros_(self.point3.weight)
             nn.init.ones_(self.point3.bias)
-        if num_scales > 1:
-            self.point4 = nn.Linear(d_model, num_scales)
+        if self.scale_selection:
+            self.point4 = nn.Linear(d_model, self.num_scales)
 
     def forward(
         self,
@@ -311,7 +313,7 @@ class SMCADecoderLayer(nn.Module):
         ``centre`` the (B, Q, 2) normalised centre (None: predict it).
 
         Returns (tgt, reference logits (first layer) or None, normalised centre, per-scale log priors
-        (B, heads, Q, S_s), scale weights (B, Q, scales) or None on one scale).
+        (B, heads, Q, S_s), scale weights (B, Q, scales) or None in the single-scale layer).
         """
         batch, num_queries, _ = tgt.shape
         o = self.norm4(tgt + query_pos)
@@ -335,13 +337,13 @@ class SMCADecoderLayer(nn.Module):
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
         keys = [m + p for m, p in zip(memory, pos)]
-        if self.num_scales == 1:
-            attended = self.multihead_attn(tgt + query_pos, keys[0], memory[0], log_priors[0], key_padding_masks[0])[0]
-            scale_weights = None
-        else:
+        if self.scale_selection:
             attended, scale_weights = self.multihead_attn(
                 tgt + query_pos, keys, memory, log_priors, key_padding_masks, self.point4(o)
             )
+        else:
+            attended = self.multihead_attn(tgt + query_pos, keys[0], memory[0], log_priors[0], key_padding_masks[0])[0]
+            scale_weights = None
         tgt = self.norm2(tgt + self.dropout(attended))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
         return tgt, reference, centre, log_priors, scale_weights

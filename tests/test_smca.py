@@ -378,6 +378,18 @@ def test_multi_scale_weights_are_per_image():
     torch.testing.assert_close(raw_ab["pred_logits"][1], raw_ba["pred_logits"][0])
 
 
+def test_multi_scale_on_one_map_keeps_scale_selection():
+    """Multi-scale SMCA on a single map still has the scale-selection layer (one weight of 1 per query)."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale(num_feature_levels=1, backbone_kwargs=dict(out_strides=(32,)))
+    assert model.head.transformer.strides == (32,)
+    with torch.no_grad():
+        raw = model.forward_detr(*_normalised_batch(model, [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]))
+    weights = raw["scale_weights"]
+    assert weights.shape == (TINY["num_decoder_layers"], 2, TINY["num_queries"], 1)
+    torch.testing.assert_close(weights, torch.ones_like(weights))
+
+
 def _normalised_batch(model, images):
     from dat_smt.adapters import batch_images
 
