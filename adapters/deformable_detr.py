@@ -54,6 +54,21 @@ def flatten_levels(
     return src_flat, mask_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that accepts groups of a single value at batch size 1 as it does at any other batch size.
+
+    A group holds one value when it has one channel on a 1x1 map (GroupNorm(32) of ``d_model=32`` on the coarsest
+    level of a small image); it normalises to zero, so the output is the bias. ``F.group_norm`` rejects that only
+    when the batch holds one image (a BatchNorm-style check on ``N * C / G``), which made the same image fail
+    alone but pass in a batch. Normalisation is per image, so a two-copy batch gives the single image's result.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x[0].numel() == self.num_groups:
+            return super().forward(x.expand(2, *x.shape[1:]))[:1]
+        return super().forward(x)
+
+
 def input_projections(channels: Sequence[int], d_model: int, num_feature_levels: int) -> nn.ModuleList:
     """Per level a conv + GroupNorm(32) to ``d_model`` channels: a 1x1 conv on every backbone map, then a 3x3
     stride-2 conv for every extra level (the first on the raw last backbone map, the others on the previous
@@ -62,11 +77,11 @@ def input_projections(channels: Sequence[int], d_model: int, num_feature_levels:
         raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) input projections), got {d_model}")
     if num_feature_levels < len(channels):
         raise ValueError(f"num_feature_levels ({num_feature_levels}) is below the backbone's {len(channels)} maps")
-    projections = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model)) for c in channels]
+    projections = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), _GroupNorm(32, d_model)) for c in channels]
     in_channels = channels[-1]
     for _ in range(num_feature_levels - len(channels)):
         projections.append(
-            nn.Sequential(nn.Conv2d(in_channels, d_model, 3, stride=2, padding=1), nn.GroupNorm(32, d_model))
+            nn.Sequential(nn.Conv2d(in_channels, d_model, 3, stride=2, padding=1), _GroupNorm(32, d_model))
         )
         in_channels = d_model
     for proj in projections:

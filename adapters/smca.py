@@ -105,6 +105,14 @@ def gaussian_log_prior(
     return (-energy.abs() / beta).flatten(-2)
 
 
+def _modulated_attention(q: Tensor, k: Tensor, log_prior: Tensor, key_padding_mask: Tensor | None, dropout: float):
+    """``softmax(q k^T / sqrt(d) + log_prior)`` over (B, heads, Q, S), padded keys (True in the (B, S) mask)
+    at exactly zero, then dropout with probability ``dropout`` (0 in eval mode)."""
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + log_prior
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return F.dropout(logits.softmax(-1), dropout, training=dropout > 0)
+
 
 def scale_selection_attention(
     q: Tensor,
@@ -143,10 +151,7 @@ def scale_selection_attention(
     weights = scale_logits.softmax(-1)
     out = 0
     for index, (k, v, prior, mask) in enumerate(zip(keys, values, log_priors, key_padding_masks)):
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + prior
-        if mask is not None:
-            logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
-        attention = F.dropout(logits.softmax(-1), dropout, training=dropout > 0)
+        attention = _modulated_attention(q, k, prior, mask, dropout)
         out = out + weights[:, None, :, index, None] * (attention @ v)
     return out, weights
 
@@ -170,22 +175,51 @@ class GaussianCrossAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def project(self, x: Tensor, which: int) -> Tensor:
+        """(B, N, C) through the query (0), key (1) or value (2) projection -> (B, heads, N, C / heads)."""
+        weight, bias = self.in_proj_weight.chunk(3)[which], self.in_proj_bias.chunk(3)[which]
+        return F.linear(x, weight, bias).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def merge(self, x: Tensor) -> Tensor:
+        """(B, heads, Q, C / heads) attended values -> (B, Q, C) through the output projection."""
+        return self.out_proj(x.transpose(1, 2).flatten(2))
+
+    @property
+    def active_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, bias: Tensor, key_padding_mask: Tensor | None):
-        """query (B, Q, C), key/value (B, S, C), bias (B, heads, Q, S), key_padding_mask (B, S) True = pad."""
-        batch, num_queries, channels = query.shape
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        """query (B, Q, C), key/value (B, S, C), bias (B, heads, Q, S), key_padding_mask (B, S) True = pad.
+        Returns (B, Q, C) and the (B, heads, Q, S) attention."""
+        q = self.project(query, 0)
+        attention = _modulated_attention(q, self.project(key, 1), bias, key_padding_mask, self.active_dropout)
+        return self.merge(attention @ self.project(value, 2)), attention
 
-        def split(x: Tensor) -> Tensor:
-            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias
-        if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        attn = F.dropout(logits.softmax(-1), self.dropout, self.training)
-        out = (attn @ v).transpose(1, 2).reshape(batch, num_queries, channels)
-        return self.out_proj(out), attn
+class MultiScaleGaussianCrossAttention(GaussianCrossAttention):
+    """Scale-selection co-attention (:func:`scale_selection_attention`) with one shared set of projections."""
+
+    def forward(
+        self,
+        query: Tensor,
+        keys: Sequence[Tensor],
+        values: Sequence[Tensor],
+        log_priors: Sequence[Tensor],
+        key_padding_masks: Sequence[Tensor | None],
+        scale_logits: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        """query (B, Q, C); per scale key/value (B, S_s, C), prior (B, heads, Q, S_s), mask (B, S_s);
+        scale_logits (B, Q, scales). Returns (B, Q, C) and the (B, Q, scales) scale weights."""
+        out, weights = scale_selection_attention(
+            self.project(query, 0),
+            [self.project(k, 1) for k in keys],
+            [self.project(v, 2) for v in values],
+            log_priors,
+            key_padding_masks,
+            scale_logits,
+            self.active_dropout,
+        )
+        return self.merge(out), weights
 
 
 class SMCAEncoderLayer(nn.Module):
@@ -210,10 +244,14 @@ class SMCAEncoderLayer(nn.Module):
 
 
 class SMCADecoderLayer(nn.Module):
-    """Post-norm decoder layer with the spatially modulated co-attention.
+    """Post-norm decoder layer with the spatially modulated co-attention over one or several scales.
 
-    ``o = norm4(tgt + query_pos)`` (from the layer input) drives the centre MLP (``point1``, first layer only),
-    the per-head centre offsets (``point2``) and the per-head scales (``point3``, squared).
+    ``o = norm4(tgt + query_pos)`` (from the layer input) drives the normalised centre (``point1``, first layer
+    only; later layers reuse it) and, per scale and head, the centre offsets (``point2``, in that scale's cells)
+    and the squared scales (``point3``). With ``num_scales=None`` the layer is the official single-scale one
+    (one map, :class:`GaussianCrossAttention`, official parameter names); with a number of scales the
+    co-attention is scale selection (:class:`MultiScaleGaussianCrossAttention`) over that many maps and
+    ``point4`` gives the per-query scale logits.
     """
 
     def __init__(
@@ -225,15 +263,21 @@ class SMCADecoderLayer(nn.Module):
         dynamic_scale: str,
         beta: float,
         predicts_centre: bool,
+        num_scales: int | None = None,
     ) -> None:
         super().__init__()
         if dynamic_scale not in DYNAMIC_SCALES:
             raise ValueError(f"dynamic_scale must be one of {sorted(DYNAMIC_SCALES)}, got {dynamic_scale!r}")
+        if num_scales is not None and num_scales < 1:
+            raise ValueError(f"num_scales must be None (single-scale layer) or at least 1, got {num_scales}")
         self.num_heads = num_heads
+        self.scale_selection = num_scales is not None
+        self.num_scales = num_scales or 1
         self.dynamic_scale = dynamic_scale
         self.beta = beta
         self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        self.multihead_attn = GaussianCrossAttention(d_model, num_heads, dropout=dropout)
+        cross_attention = MultiScaleGaussianCrossAttention if self.scale_selection else GaussianCrossAttention
+        self.multihead_attn = cross_attention(d_model, num_heads, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -243,43 +287,98 @@ class SMCADecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         if predicts_centre:
             self.point1 = MLP(d_model, d_model, 2, 3)
-        self.point2 = nn.Linear(d_model, 2 * num_heads)
-        num_scales = DYNAMIC_SCALES[dynamic_scale]
-        if num_scales:
-            self.point3 = nn.Linear(d_model, num_scales * num_heads)
+        self.point2 = nn.Linear(d_model, 2 * num_heads * self.num_scales)
+        num_terms = DYNAMIC_SCALES[dynamic_scale]
+        if num_terms:
+            self.point3 = nn.Linear(d_model, num_terms * num_heads * self.num_scales)
             nn.init.zeros_(self.point3.weight)
             nn.init.ones_(self.point3.bias)
+        if self.scale_selection:
+            self.point4 = nn.Linear(d_model, self.num_scales)
 
     def forward(
         self,
         tgt: Tensor,
-        memory: Tensor,
-        pos: Tensor,
+        memory: Sequence[Tensor],
+        pos: Sequence[Tensor],
         query_pos: Tensor,
-        key_padding_mask: Tensor | None,
-        feature_hw: Tuple[int, int],
+        key_padding_masks: Sequence[Tensor | None],
+        feature_hw: Sequence[Tuple[int, int]],
         cell_size_wh: Tensor,
+        energy_factors: Sequence[float],
         centre: Tensor | None,
-    ) -> Tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """Returns (tgt, reference logits (first layer) or None, centre (B, Q, 2) in cells, log prior)."""
+    ) -> Tuple[Tensor, Tensor | None, Tensor, List[Tensor], Tensor | None]:
+        """Per scale memory/pos (B, S_s, C), masks (B, S_s), map sizes; ``cell_size_wh`` (B, scales, 2) is the
+        unpadded image size in each scale's cells; ``energy_factors`` multiply each scale's energy;
+        ``centre`` the (B, Q, 2) normalised centre (None: predict it).
+
+        Returns (tgt, reference logits (first layer) or None, normalised centre, per-scale log priors
+        (B, heads, Q, S_s), scale weights (B, Q, scales) or None in the single-scale layer).
+        """
         batch, num_queries, _ = tgt.shape
         o = self.norm4(tgt + query_pos)
         reference = None
         if centre is None:
             reference = self.point1(o)
-            centre = cell_size_wh[:, None, :] * reference.sigmoid()
-        head_centres = centre.unsqueeze(2) + self.point2(o).view(batch, num_queries, self.num_heads, 2)
+            centre = reference.sigmoid()
+        offsets = self.point2(o).view(batch, num_queries, self.num_scales, self.num_heads, 2)
         scales = None
         if self.dynamic_scale != "type1":
-            scales = self.point3(o).pow(2).view(batch, num_queries, self.num_heads, -1)
-        log_prior = gaussian_log_prior(head_centres, scales, feature_hw, self.dynamic_scale, self.beta)
+            scales = self.point3(o).pow(2).view(batch, num_queries, self.num_scales, self.num_heads, -1)
+        log_priors = []
+        for index, hw in enumerate(feature_hw):
+            head_centres = (cell_size_wh[:, None, index] * centre).unsqueeze(2) + offsets[:, :, index]
+            scale = None if scales is None else scales[:, :, index]
+            # -|f E| / beta = -|E| / (beta / f): the scale's energy factor folded into beta
+            log_priors.append(
+                gaussian_log_prior(head_centres, scale, hw, self.dynamic_scale, self.beta / energy_factors[index])
+            )
 
         q = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt)[0]))
-        attended = self.multihead_attn(tgt + query_pos, memory + pos, memory, log_prior, key_padding_mask)[0]
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        keys = [m + p for m, p in zip(memory, pos)]
+        if self.scale_selection:
+            attended, scale_weights = self.multihead_attn(
+                tgt + query_pos, keys, memory, log_priors, key_padding_masks, self.point4(o)
+            )
+        else:
+            attended = self.multihead_attn(tgt + query_pos, keys[0], memory[0], log_priors[0], key_padding_masks[0])[0]
+            scale_weights = None
         tgt = self.norm2(tgt + self.dropout(attended))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, reference, centre, log_prior
+        return tgt, reference, centre, log_priors, scale_weights
+
+
+def _decode(
+    layers: Sequence[SMCADecoderLayer],
+    norm: nn.Module,
+    query_embed: Tensor,
+    memory: Sequence[Tensor],
+    pos: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    feature_hw: Sequence[Tuple[int, int]],
+    cell_size_wh: Tensor,
+    energy_factors: Sequence[float],
+) -> Tuple[Tensor, Tensor, List[List[Tensor]], List[Tensor | None]]:
+    """Run the decoder layers (arguments as :meth:`SMCADecoderLayer.forward`) from zero targets; the first
+    layer predicts the centre, later ones reuse it.
+
+    Returns hs (layers, B, Q, C) after ``norm``, the first layer's reference logits and, per layer, the per-scale
+    log priors and the scale weights.
+    """
+    query_pos = query_embed.unsqueeze(0).expand(memory[0].shape[0], -1, -1)
+    tgt = torch.zeros_like(query_pos)
+    centre, reference = None, None
+    hs, log_priors, scale_weights = [], [], []
+    for layer in layers:
+        tgt, layer_reference, centre, priors, weights = layer(
+            tgt, memory, pos, query_pos, masks, feature_hw, cell_size_wh, energy_factors, centre
+        )
+        reference = layer_reference if layer_reference is not None else reference
+        hs.append(norm(tgt))
+        log_priors.append(priors)
+        scale_weights.append(weights)
+    return torch.stack(hs), reference, log_priors, scale_weights
 
 
 class SMCAEncoder(nn.Module):
@@ -358,55 +457,61 @@ class SMCATransformer(nn.Module):
             dict with ``memory`` (B, h*w, C), ``hs`` (layers, B, Q, C) after the shared norm, ``reference``
             (B, Q, 2) first-layer centre logits (x, y), ``log_priors`` list of (B, heads, Q, h*w).
         """
-        batch, _, h, w = src.shape
+        h, w = src.shape[-2:]
         src_flat = src.flatten(2).transpose(1, 2)
         pos_flat = pos.flatten(2).transpose(1, 2)
         key_padding_mask = mask.flatten(1)
         memory = self.encoder(src_flat, pos_flat, key_padding_mask)
 
-        cell_size_wh = image_sizes_hw.flip(-1).to(src.dtype) / self.stride
-        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        centre, reference = None, None
-        hs, log_priors = [], []
-        for layer in self.decoder.layers:
-            tgt, layer_reference, centre, log_prior = layer(
-                tgt, memory, pos_flat, query_pos, key_padding_mask, (h, w), cell_size_wh, centre
-            )
-            reference = layer_reference if layer_reference is not None else reference
-            hs.append(self.decoder.norm(tgt))
-            log_priors.append(log_prior)
-        return {"memory": memory, "hs": torch.stack(hs), "reference": reference, "log_priors": log_priors}
+        cell_size_wh = image_sizes_hw.flip(-1).to(src.dtype)[:, None, :] / self.stride
+        hs, reference, log_priors, _ = _decode(
+            self.decoder.layers, self.decoder.norm, query_embed, [memory], [pos_flat], [key_padding_mask], [(h, w)],
+            cell_size_wh, (1.0,),
+        )
+        return {"memory": memory, "hs": hs, "reference": reference, "log_priors": [priors[0] for priors in log_priors]}
 
 
-class SMCAHead(nn.Module):
-    """Input projection, queries, SMCA transformer and the class / box heads on one feature map.
+class _SMCAHeadBase(nn.Module):
+    """Queries and class / box heads on ``self.transformer`` (official names), shared by the SMCA heads.
 
     The box centre logits are the head output plus the first-layer reference logits, before the sigmoid,
     for every decoder layer. The class head has ``num_classes + 1`` outputs (official; trained with a sigmoid
     focal loss, the extra column never gets a positive).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_queries: int = 300, **transformer_kwargs) -> None:
-        super().__init__()
-        self.transformer = SMCATransformer(**transformer_kwargs)
+    transformer: nn.Module
+
+    def _add_queries_and_heads(self, num_classes: int, num_queries: int) -> None:
         d_model = self.transformer.d_model
-        self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         nn.init.constant_(self.class_embed.bias, -torch.log(torch.tensor(99.0)).item())
 
-    def forward(self, feature: Tensor, mask: Tensor, pos: Tensor, image_sizes_hw: Tensor) -> Dict[str, object]:
-        """Returns the transformer outputs plus ``pred_logits`` / ``pred_boxes`` (layers, B, Q, ...)."""
-        src = self.input_proj(feature)
-        out = self.transformer(src, mask, self.query_embed.weight, pos, image_sizes_hw)
+    def predict(self, out: Dict[str, object]) -> Dict[str, object]:
+        """Transformer outputs -> the same dict plus ``pred_logits`` / ``pred_boxes`` (layers, B, Q, ...)."""
         hs = out["hs"]
         box_logits = self.bbox_embed(hs)
         centre_logits = box_logits[..., :2] + out["reference"]
         out["pred_boxes"] = torch.cat([centre_logits, box_logits[..., 2:]], -1).sigmoid()
         out["pred_logits"] = self.class_embed(hs)
         return out
+
+
+class SMCAHead(_SMCAHeadBase):
+    """Input projection, queries, SMCA transformer and the class / box heads on one feature map."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_queries: int = 300, **transformer_kwargs) -> None:
+        super().__init__()
+        self.transformer = SMCATransformer(**transformer_kwargs)
+        d_model = self.transformer.d_model
+        self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
+        self._add_queries_and_heads(num_classes, num_queries)
+
+    def forward(self, feature: Tensor, mask: Tensor, pos: Tensor, image_sizes_hw: Tensor) -> Dict[str, object]:
+        """Returns the transformer outputs plus ``pred_logits`` / ``pred_boxes`` (layers, B, Q, ...)."""
+        src = self.input_proj(feature)
+        return self.predict(self.transformer(src, mask, self.query_embed.weight, pos, image_sizes_hw))
 
 
 def convert_smca_checkpoint(
@@ -437,7 +542,28 @@ def convert_smca_checkpoint(
     return head_state, backbone_state
 
 
-class SMCADETR(DetrDetector):
+def _unpadded_sizes_hw(mask: Tensor) -> Tensor:
+    """(B, H, W) padding mask (True = padding, images at the top left) -> (B, 2) unpadded (h, w) in pixels."""
+    return torch.stack([(~mask[:, :, 0]).sum(-1), (~mask[:, 0, :]).sum(-1)], -1)
+
+
+class _SMCADetector(DetrDetector):
+    """Criterion and output layout shared by single- and multi-scale SMCA-DETR (see :class:`SMCADETR`)."""
+
+    def __init__(self, backbone: TimmBackbone, num_classes: int, num_detections: int, num_decoder_layers: int):
+        criterion = SetCriterion(num_classes, HungarianMatcher(), deformable_detr_weight_dict(num_decoder_layers))
+        super().__init__(backbone, num_classes, criterion, num_detections=num_detections)
+
+    def detr_outputs(self, out: Dict[str, object]) -> Dict[str, object]:
+        """Head outputs (layers first) -> the last layer's ``pred_logits`` (without the official extra class
+        column) and ``pred_boxes``, and the earlier layers' as ``aux_outputs``."""
+        logits = out["pred_logits"][..., : self.num_classes]
+        boxes = out["pred_boxes"]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+
+
+class SMCADETR(_SMCADetector):
     """Single-scale SMCA-DETR on the last (deepest) map of a timm backbone, with the torchvision API.
 
     The stride comes from the backbone's ``feature_info``. DETR sine position embeddings (no -0.5 offset);
@@ -463,9 +589,7 @@ class SMCADETR(DetrDetector):
         num_detections: int = 100,
         **transformer_kwargs,
     ) -> None:
-        num_decoder_layers = transformer_kwargs.get("num_decoder_layers", 6)
-        criterion = SetCriterion(num_classes, HungarianMatcher(), deformable_detr_weight_dict(num_decoder_layers))
-        super().__init__(backbone, num_classes, criterion, num_detections=num_detections)
+        super().__init__(backbone, num_classes, num_detections, transformer_kwargs.get("num_decoder_layers", 6))
         if "stride" in transformer_kwargs:
             raise ValueError("stride is derived from the backbone's feature_info; do not pass it")
         self.head = SMCAHead(
@@ -477,49 +601,11 @@ class SMCADETR(DetrDetector):
         maps, masks = self.backbone(images, mask)
         feature, feature_mask = maps[-1], masks[-1]
         pos = self.position_embedding(feature_mask).to(feature.dtype)
-        image_sizes_hw = torch.stack([(~mask[:, :, 0]).sum(-1), (~mask[:, 0, :]).sum(-1)], -1)
-        out = self.head(feature, feature_mask, pos, image_sizes_hw)
-        logits = out["pred_logits"][..., : self.num_classes]
-        boxes = out["pred_boxes"]
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
-        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+        return self.detr_outputs(self.head(feature, feature_mask, pos, _unpadded_sizes_hw(mask)))
 
 
 ENCODERS = ("attention", "dwconv")
 """Multi-scale encoders: the paper's intra-/multi-scale self-attention, the release's depthwise convolutions."""
-
-
-class MultiScaleGaussianCrossAttention(GaussianCrossAttention):
-    """Scale-selection co-attention (:func:`scale_selection_attention`) with one shared set of projections."""
-
-    def forward(
-        self,
-        query: Tensor,
-        keys: Sequence[Tensor],
-        values: Sequence[Tensor],
-        log_priors: Sequence[Tensor],
-        key_padding_masks: Sequence[Tensor | None],
-        scale_logits: Tensor,
-    ) -> Tuple[Tensor, Tensor]:
-        """query (B, Q, C); per scale key/value (B, S_s, C), prior (B, heads, Q, S_s), mask (B, S_s);
-        scale_logits (B, Q, scales). Returns (B, Q, C) and the (B, Q, scales) scale weights."""
-        batch, num_queries, channels = query.shape
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-
-        def split(x: Tensor) -> Tensor:
-            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        out, weights = scale_selection_attention(
-            split(F.linear(query, w_q, b_q)),
-            [split(F.linear(k, w_k, b_k)) for k in keys],
-            [split(F.linear(v, w_v, b_v)) for v in values],
-            log_priors,
-            key_padding_masks,
-            scale_logits,
-            self.dropout if self.training else 0.0,
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, num_queries, channels)), weights
 
 
 class AttentionMultiScaleEncoder(nn.Module):
@@ -628,99 +714,6 @@ class DepthwiseConvMultiScaleEncoder(nn.Module):
         return [src.flatten(2).transpose(1, 2) for src in srcs]
 
 
-class MultiScaleSMCADecoderLayer(nn.Module):
-    """Post-norm decoder layer with scale-selection co-attention.
-
-    As in the single-scale layer, ``o = norm4(tgt + query_pos)`` drives the normalised centre (``point1``,
-    first layer only; later layers reuse it), and per scale and head the centre offsets (``point2``, in that
-    scale's cells) and the squared scales (``point3``); ``point4`` gives the per-query scale logits.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_scales: int,
-        dim_feedforward: int,
-        dropout: float,
-        dynamic_scale: str,
-        beta: float,
-        predicts_centre: bool,
-    ) -> None:
-        super().__init__()
-        if dynamic_scale not in DYNAMIC_SCALES:
-            raise ValueError(f"dynamic_scale must be one of {sorted(DYNAMIC_SCALES)}, got {dynamic_scale!r}")
-        self.num_heads = num_heads
-        self.num_scales = num_scales
-        self.dynamic_scale = dynamic_scale
-        self.beta = beta
-        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        self.multihead_attn = MultiScaleGaussianCrossAttention(d_model, num_heads, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.norm4 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        if predicts_centre:
-            self.point1 = MLP(d_model, d_model, 2, 3)
-        self.point2 = nn.Linear(d_model, 2 * num_heads * num_scales)
-        num_terms = DYNAMIC_SCALES[dynamic_scale]
-        if num_terms:
-            self.point3 = nn.Linear(d_model, num_terms * num_heads * num_scales)
-            nn.init.zeros_(self.point3.weight)
-            nn.init.ones_(self.point3.bias)
-        self.point4 = nn.Linear(d_model, num_scales)
-
-    def forward(
-        self,
-        tgt: Tensor,
-        memory: Sequence[Tensor],
-        pos: Sequence[Tensor],
-        query_pos: Tensor,
-        key_padding_masks: Sequence[Tensor],
-        feature_hw: Sequence[Tuple[int, int]],
-        cell_size_wh: Tensor,
-        energy_factors: Sequence[float],
-        centre: Tensor | None,
-    ) -> Tuple[Tensor, Tensor | None, Tensor, List[Tensor], Tensor]:
-        """Per scale memory/pos (B, S_s, C), masks (B, S_s), map sizes; ``cell_size_wh`` (B, scales, 2) is the
-        unpadded image size in each scale's cells; ``centre`` the (B, Q, 2) normalised centre (None: predict).
-
-        Returns (tgt, reference logits (first layer) or None, normalised centre, per-scale log priors
-        (B, heads, Q, S_s), scale weights (B, Q, scales)).
-        """
-        batch, num_queries, _ = tgt.shape
-        o = self.norm4(tgt + query_pos)
-        reference = None
-        if centre is None:
-            reference = self.point1(o)
-            centre = reference.sigmoid()
-        offsets = self.point2(o).view(batch, num_queries, self.num_scales, self.num_heads, 2)
-        scales = None
-        if self.dynamic_scale != "type1":
-            scales = self.point3(o).pow(2).view(batch, num_queries, self.num_scales, self.num_heads, -1)
-        log_priors = []
-        for index, hw in enumerate(feature_hw):
-            head_centres = (cell_size_wh[:, None, index] * centre).unsqueeze(2) + offsets[:, :, index]
-            scale = None if scales is None else scales[:, :, index]
-            # -|f E| / beta = -|E| / (beta / f): the scale's energy factor folded into beta
-            log_priors.append(
-                gaussian_log_prior(head_centres, scale, hw, self.dynamic_scale, self.beta / energy_factors[index])
-            )
-
-        q = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        attended, scale_weights = self.multihead_attn(
-            tgt + query_pos, [m + p for m, p in zip(memory, pos)], memory, log_priors, key_padding_masks,
-            self.point4(o),
-        )
-        tgt = self.norm2(tgt + self.dropout(attended))
-        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, reference, centre, log_priors, scale_weights
-
-
 class MultiScaleSMCATransformer(nn.Module):
     """Multi-scale SMCA encoder-decoder (paper form, with the release's encoder as an option).
 
@@ -783,8 +776,8 @@ class MultiScaleSMCATransformer(nn.Module):
                 dropout=dropout, kernel_size=dwconv_kernel_size,
             )
         self.decoder = nn.ModuleList(
-            MultiScaleSMCADecoderLayer(
-                d_model, num_heads, num_scales, dim_feedforward, dropout, dynamic_scale, beta, index == 0
+            SMCADecoderLayer(
+                d_model, num_heads, dim_feedforward, dropout, dynamic_scale, beta, index == 0, num_scales=num_scales
             )
             for index in range(num_decoder_layers)
         )
@@ -820,7 +813,6 @@ class MultiScaleSMCATransformer(nn.Module):
                 f"expected {len(self.strides)} maps (strides {self.strides}) with masks and positions, got "
                 f"{len(srcs)} maps, {len(masks)} masks, {len(pos)} positions"
             )
-        batch = srcs[0].shape[0]
         pos = [p + level[None, :, None, None] for p, level in zip(pos, self.level_embed)]
         memory = self.encoder(srcs, pos, masks)
         pos_flat = [p.flatten(2).transpose(1, 2) for p in pos]
@@ -829,25 +821,17 @@ class MultiScaleSMCATransformer(nn.Module):
         strides = torch.tensor(self.strides, dtype=srcs[0].dtype, device=srcs[0].device)
         cell_size_wh = image_sizes_hw.flip(-1).to(srcs[0].dtype)[:, None, :] / strides[:, None]
 
-        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        centre, reference = None, None
-        hs, log_priors, scale_weights = [], [], []
-        for layer in self.decoder:
-            tgt, layer_reference, centre, priors, weights = layer(
-                tgt, memory, pos_flat, query_pos, masks_flat, feature_hw, cell_size_wh, self.energy_factors, centre
-            )
-            reference = layer_reference if layer_reference is not None else reference
-            hs.append(self.decoder_norm(tgt))
-            log_priors.append(priors)
-            scale_weights.append(weights)
+        hs, reference, log_priors, scale_weights = _decode(
+            self.decoder, self.decoder_norm, query_embed, memory, pos_flat, masks_flat, feature_hw, cell_size_wh,
+            self.energy_factors,
+        )
         return {
-            "memory": memory, "hs": torch.stack(hs), "reference": reference, "log_priors": log_priors,
+            "memory": memory, "hs": hs, "reference": reference, "log_priors": log_priors,
             "scale_weights": torch.stack(scale_weights),
         }
 
 
-class MultiScaleSMCAHead(nn.Module):
+class MultiScaleSMCAHead(_SMCAHeadBase):
     """Input projections, queries, multi-scale SMCA transformer and the class / box heads.
 
     As in the release: a 1x1 convolution (no GroupNorm) per backbone map and, for every extra coarser scale, a
@@ -880,10 +864,7 @@ class MultiScaleSMCAHead(nn.Module):
             channels = d_model
         self.num_backbone_maps = len(in_channels)
         self.input_proj = nn.ModuleList(projections)
-        self.query_embed = nn.Embedding(num_queries, d_model)
-        self.class_embed = nn.Linear(d_model, num_classes + 1)
-        self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        nn.init.constant_(self.class_embed.bias, -torch.log(torch.tensor(99.0)).item())
+        self._add_queries_and_heads(num_classes, num_queries)
 
     def project(self, features: Sequence[Tensor]) -> List[Tensor]:
         """Backbone maps -> the projected (B, d_model, h, w) map of every scale, finest first."""
@@ -901,16 +882,10 @@ class MultiScaleSMCAHead(nn.Module):
     ) -> Dict[str, object]:
         """Projected maps (:meth:`project`), their masks and positions -> the transformer outputs plus
         ``pred_logits`` / ``pred_boxes`` (layers, B, Q, ...)."""
-        out = self.transformer(srcs, masks, self.query_embed.weight, pos, image_sizes_hw)
-        hs = out["hs"]
-        box_logits = self.bbox_embed(hs)
-        centre_logits = box_logits[..., :2] + out["reference"]
-        out["pred_boxes"] = torch.cat([centre_logits, box_logits[..., 2:]], -1).sigmoid()
-        out["pred_logits"] = self.class_embed(hs)
-        return out
+        return self.predict(self.transformer(srcs, masks, self.query_embed.weight, pos, image_sizes_hw))
 
 
-class SMCAMultiScaleDETR(DetrDetector):
+class SMCAMultiScaleDETR(_SMCADetector):
     """Multi-scale SMCA-DETR on a timm backbone's pyramid plus extra coarser scales, torchvision API.
 
     Scales: the backbone maps (default strides 8, 16, 32 from ``feature_info``) and ``num_feature_levels`` minus
@@ -940,9 +915,7 @@ class SMCAMultiScaleDETR(DetrDetector):
         num_detections: int = 100,
         **transformer_kwargs,
     ) -> None:
-        num_decoder_layers = transformer_kwargs.get("num_decoder_layers", 6)
-        criterion = SetCriterion(num_classes, HungarianMatcher(), deformable_detr_weight_dict(num_decoder_layers))
-        super().__init__(backbone, num_classes, criterion, num_detections=num_detections)
+        super().__init__(backbone, num_classes, num_detections, transformer_kwargs.get("num_decoder_layers", 6))
         for derived in ("strides", "prior_stride"):
             if derived in transformer_kwargs:
                 raise ValueError(f"{derived} is derived from the backbone's feature_info; do not pass it")
@@ -963,15 +936,8 @@ class SMCAMultiScaleDETR(DetrDetector):
         srcs = self.head.project(maps)
         masks = list(masks) + [mask_to_size(mask, src.shape[-2:]) for src in srcs[len(masks):]]
         pos = [self.position_embedding(m).to(src.dtype) for src, m in zip(srcs, masks)]
-        image_sizes_hw = torch.stack([(~mask[:, :, 0]).sum(-1), (~mask[:, 0, :]).sum(-1)], -1)
-        out = self.head(srcs, masks, pos, image_sizes_hw)
-        logits = out["pred_logits"][..., : self.num_classes]
-        boxes = out["pred_boxes"]
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
-        return {
-            "pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux,
-            "scale_weights": out["scale_weights"],
-        }
+        out = self.head(srcs, masks, pos, _unpadded_sizes_hw(mask))
+        return {**self.detr_outputs(out), "scale_weights": out["scale_weights"]}
 
 
 @register_detector("smca")

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from shapes_training import train_on_batches
 from timm.models._features import FeatureListNet
 from torch import nn
 
@@ -204,7 +205,6 @@ def test_bad_images_raise_clear_errors():
 
 def test_empty_degenerate_and_outside_boxes_train_without_nan():
     model = _tiny_model(two_stage=True, with_box_refine=True)
-    # (a 1 x 1 stride-64 map would leave GroupNorm(32) of the tiny width a single value per group)
     images = [torch.rand(3, 70, 60), torch.rand(3, 40, 45), torch.rand(3, 40, 45)]
     targets = [
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
@@ -235,19 +235,9 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
         "deformable_detr", backbone="resnet18", num_classes=4, d_model=64, nhead=4, num_encoder_layers=1,
         num_decoder_layers=2, dim_feedforward=128, num_queries=8, with_box_refine=True, dropout=0.0,
         backbone_kwargs=dict(trainable_stages=-1, freeze_bn=False),
-    ).train()
+    )
     before = evaluate_coco(model, data)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(120):
-        idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
-        loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_batches(model, data, steps=120, lr=1e-3)
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
     after = evaluate_coco(model, data)
     assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)

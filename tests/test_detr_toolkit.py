@@ -280,3 +280,29 @@ def test_registry():
     assert "deformable_detr" in list_detectors()
     with pytest.raises(ValueError, match="unknown detector"):
         create_detector("no_such_detector")
+
+
+@pytest.mark.parametrize("detector, options", [
+    ("deformable_detr", {}),
+    ("focus_detr", {"topk_sa": 4, "dn_number": 2}),
+])
+def test_one_channel_group_norm_on_a_1x1_level_at_batch_size_one(detector, options):
+    """d_model 32 gives the GroupNorm(32) input projections one channel per group, so a 1x1 coarsest level has one
+    value per group. An image alone (this raised in F.group_norm) gets the detections it gets next to another image,
+    and a batch of one trains."""
+    model = create_detector(detector, backbone="resnet18", num_classes=3, d_model=32, nhead=4, num_encoder_layers=1,
+                            num_decoder_layers=1, dim_feedforward=32, num_queries=5, **options).eval()
+    coarsest = []
+    model.input_proj[-1].register_forward_hook(lambda module, inputs, output: coarsest.append(output.shape))
+    image, other = torch.rand(3, 60, 50), torch.rand(3, 60, 50)
+    with torch.no_grad():
+        alone = model([image])[0]
+        paired = model([image, other])[0]
+    assert coarsest == [(1, 32, 1, 1), (2, 32, 1, 1)]
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(alone[key], paired[key])
+    target = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
+    losses = model.train()([image], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.input_proj[-1][1].bias.grad.abs().sum() > 0

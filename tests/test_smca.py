@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from shapes_training import train_on_batches
 
 from dat_smt.adapters import mask_to_size
 from dat_smt.adapters.smca import SMCAHead, convert_smca_checkpoint, gaussian_log_prior
@@ -282,22 +283,9 @@ def _train_on_shapes(**options):
     model = create_detector(
         "smca", backbone="resnet18", num_classes=4, d_model=64, num_heads=4, num_encoder_layers=1,
         num_decoder_layers=2, dim_feedforward=128, num_queries=8, dropout=0.0, **options,
-    ).train()
+    )
     before = evaluate_coco(model, data)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
-    steps = 120
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2 * steps // 3], 0.1)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(data), (4,), generator=generator).tolist()
-        loss = sum(model([data[i][0] for i in idx], [data[i][1] for i in idx]).values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    losses = train_on_batches(model, data, steps=120, lr=1e-3, lr_drop=80)
     return losses, before, evaluate_coco(model, data)
 
 
@@ -388,6 +376,18 @@ def test_multi_scale_weights_are_per_image():
     torch.testing.assert_close(raw_ab["scale_weights"][:, 1], raw_ba["scale_weights"][:, 0])
     torch.testing.assert_close(raw_ab["pred_boxes"][1], raw_ba["pred_boxes"][0])
     torch.testing.assert_close(raw_ab["pred_logits"][1], raw_ba["pred_logits"][0])
+
+
+def test_multi_scale_on_one_map_keeps_scale_selection():
+    """Multi-scale SMCA on a single map still has the scale-selection layer (one weight of 1 per query)."""
+    pytest.importorskip("timm")
+    model = _tiny_multi_scale(num_feature_levels=1, backbone_kwargs=dict(out_strides=(32,)))
+    assert model.head.transformer.strides == (32,)
+    with torch.no_grad():
+        raw = model.forward_detr(*_normalised_batch(model, [torch.rand(3, 70, 97), torch.rand(3, 83, 61)]))
+    weights = raw["scale_weights"]
+    assert weights.shape == (TINY["num_decoder_layers"], 2, TINY["num_queries"], 1)
+    torch.testing.assert_close(weights, torch.ones_like(weights))
 
 
 def _normalised_batch(model, images):
