@@ -179,7 +179,8 @@ class DeformableAttention(nn.Module):
         self._grid_cache: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grids(self, height: int, width: int, key_h: int, key_w: int, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Reference points (Hk, Wk, 2) and query positions (H*W, 2), normalised, in grid_sample's (x, y) order.
+        """Reference points (Hk, Wk, 2) and half the query positions (H*W, 2), normalised, in grid_sample's
+        (x, y) order.
 
         DAT++ divides by (Hk - 1) and places queries on the pixel grid; DAT divides by Hk and places queries at
         pixel centres. Cached per size (they depend on sizes only) outside tracing and compilation.
@@ -199,7 +200,7 @@ class DeformableAttention(nn.Module):
             return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
 
         reference = grid(axis(key_h, True), axis(key_w, True))
-        queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2)
+        queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2) * 0.5
         grids = (reference, queries)
         if caching_allowed():
             if len(self._grid_cache) >= 16:
@@ -207,13 +208,20 @@ class DeformableAttention(nn.Module):
             self._grid_cache[key] = grids
         return grids
 
+    @staticmethod
+    def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """A 1x1 conv applied to the last (channel) dimension of a channels-last tensor."""
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         groups, heads = self.num_groups, self.num_heads
         group_channels = channels // groups
         head_dim = channels // heads
-        q = self.proj_q(x)
-        offset = self.conv_offset(q.reshape(batch * groups, group_channels, height, width))
+        # projections run on NHWC (free for the channels-last maps between blocks) so that the heads split off the
+        # channels keep a unit stride, which SDPA needs for its fused kernel
+        q = self._pointwise(x.permute(0, 2, 3, 1), self.proj_q)
+        offset = self.conv_offset(q.permute(0, 3, 1, 2).reshape(batch * groups, group_channels, height, width))
         key_h, key_w = offset.shape[2:]
         if self.plus and (key_h < 2 or key_w < 2 or height < 2 or width < 2):
             raise ValueError(
@@ -237,21 +245,21 @@ class DeformableAttention(nn.Module):
         sampled = F.grid_sample(
             x.reshape(batch * groups, group_channels, height, width), pos, mode="bilinear", align_corners=True,
         )
-        sampled = sampled.reshape(batch, channels, 1, key_h * key_w)
-        # heads split off the channels of NHWC views: free for channels-last maps
-        q = q.permute(0, 2, 3, 1).reshape(batch, height * width, heads, head_dim).transpose(1, 2)
-        k = self.proj_k(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        v = self.proj_v(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        sampled = sampled.reshape(batch, channels, key_h * key_w).transpose(1, 2).contiguous()
+        q = q.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
+        k = self._pointwise(sampled, self.proj_k).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        v = self._pointwise(sampled, self.proj_v).reshape(batch, -1, heads, head_dim).transpose(1, 2)
 
-        displacement = (queries[None, :, None] - pos.reshape(batch * groups, 1, -1, 2)) * 0.5
+        # the bias is read at half the query-to-key displacement: the table spans twice the map
+        displacement = queries[None, :, None] - (pos * 0.5).reshape(batch * groups, 1, -1, 2)
         table = self.rpe_table[None].expand(batch, -1, -1, -1)
         table = table.reshape(batch * groups, heads // groups, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, displacement, mode="bilinear", align_corners=True)
         bias = bias.reshape(batch, heads, height * width, key_h * key_w)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return self.proj_out(out)
+        out = self._pointwise(out.transpose(1, 2).reshape(batch, height, width, channels), self.proj_out)
+        return out.permute(0, 3, 1, 2)
 
 
 class ConvMlp(nn.Module):
