@@ -71,6 +71,7 @@ class WindowAttention(nn.Module):
         index = rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
         self.register_buffer("relative_position_index", index, persistent=False)
         self._mask_cache: Dict[Tuple[int, int, str], torch.Tensor] = {}
+        self._order_cache: Dict[Tuple[int, int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(nW, N, N) additive mask (0 / -100) for the padded runtime size, cached per size."""
@@ -88,8 +89,31 @@ class WindowAttention(nn.Module):
             labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
             mask = (labels[:, :, None] != labels[:, None, :]).float() * -100.0
             if caching_allowed():
+                if len(self._mask_cache) >= 16:
+                    self._mask_cache.clear()
                 self._mask_cache[key] = mask
         return mask
+
+    def _token_order(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Flat token indices that cut the padded map, rolled by the shift, into windows, and the inverse that
+        pastes the window tokens back (cropped to ``height x width``): one ``index_select`` each way instead of a
+        roll (a copy per axis) and a partition copy. Cached per size."""
+        key = (height, width, str(device))
+        order = self._order_cache.get(key)
+        if order is None:
+            ws = self.window_size
+            padded_h, padded_w = -(-height // ws) * ws, -(-width // ws) * ws
+            grid = torch.arange(padded_h * padded_w, device=device).view(padded_h, padded_w)
+            if self.shift:
+                grid = torch.roll(grid, shifts=(-self.shift, -self.shift), dims=(0, 1))
+            gather = grid.view(padded_h // ws, ws, padded_w // ws, ws).transpose(1, 2).reshape(-1)
+            scatter = gather.argsort().view(padded_h, padded_w)[:height, :width].reshape(-1)
+            order = (gather, scatter)
+            if caching_allowed():
+                if len(self._order_cache) >= 16:
+                    self._order_cache.clear()
+                self._order_cache[key] = order
+        return order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -100,10 +124,8 @@ class WindowAttention(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = x.shape[1:3]
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        rows, cols = padded_h // ws, padded_w // ws
-        windows = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(-1, ws * ws, channels)
+        gather, scatter = self._token_order(height, width, x.device)
+        windows = x.reshape(batch, padded_h * padded_w, channels).index_select(1, gather).view(-1, ws * ws, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], ws * ws, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
@@ -114,11 +136,8 @@ class WindowAttention(nn.Module):
             bias = bias[None]
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = self.proj_out(out.transpose(1, 2).reshape(windows.shape[0], ws * ws, channels))
-        out = out.reshape(batch, rows, cols, ws, ws, channels).transpose(2, 3).reshape(batch, padded_h, padded_w, -1)
-        if self.shift:
-            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
-        return out[:, :height, :width].permute(0, 3, 1, 2)
+        out = self.proj_out(out.transpose(1, 2).reshape(batch, -1, channels))
+        return out.index_select(1, scatter).view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 class NeighborhoodAttention(nn.Module):
