@@ -162,7 +162,7 @@ class NeighborhoodAttention(nn.Module):
         padded_h, padded_w = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)
-        out = neighborhood_attention_2d(q * self.scale, k, v, self.rpb, self.kernel_size)
+        out = neighborhood_attention_2d(q, k, v, self.rpb, self.kernel_size, scale=self.scale)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
         out = self.proj(out[:, :height, :width])
         return out.permute(0, 3, 1, 2)
