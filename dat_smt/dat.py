@@ -243,6 +243,14 @@ class DeformableAttention(nn.Module):
         return grids
 
     @staticmethod
+    def _split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+        """(B, H, W, C) to (B * groups, C / groups, H, W) in one copy, channels-last like the other maps (so that
+        the offset convolution does not reorder it again)."""
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height, width, groups, channels // groups).permute(0, 3, 1, 2, 4)
+        return x.reshape(batch * groups, height, width, channels // groups).permute(0, 3, 1, 2)
+
+    @staticmethod
     def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """A 1x1 conv applied to the last (channel) dimension of a channels-last tensor."""
         return F.linear(x, conv.weight.flatten(1), conv.bias)
@@ -255,7 +263,7 @@ class DeformableAttention(nn.Module):
         # projections run on NHWC (free for the channels-last maps between blocks) so that the heads split off the
         # channels keep a unit stride, which SDPA needs for its fused kernel
         q = self._pointwise(x.permute(0, 2, 3, 1), self.proj_q)
-        offset = self.conv_offset(q.permute(0, 3, 1, 2).reshape(batch * groups, group_channels, height, width))
+        offset = self.conv_offset(self._split_groups(q, groups))
         key_h, key_w = offset.shape[2:]
         if self.plus and (key_h < 2 or key_w < 2 or height < 2 or width < 2):
             raise ValueError(
@@ -277,9 +285,9 @@ class DeformableAttention(nn.Module):
         else:
             pos = (offset + reference).tanh()
         sampled = F.grid_sample(
-            x.reshape(batch * groups, group_channels, height, width), pos, mode="bilinear", align_corners=True,
+            self._split_groups(x.permute(0, 2, 3, 1), groups), pos, mode="bilinear", align_corners=True,
         )
-        sampled = sampled.reshape(batch, channels, key_h * key_w).transpose(1, 2).contiguous()
+        sampled = sampled.reshape(batch, groups, group_channels, -1).permute(0, 3, 1, 2).reshape(batch, -1, channels)
         q = q.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
         k = self._pointwise(sampled, self.proj_k).reshape(batch, -1, heads, head_dim).transpose(1, 2)
         v = self._pointwise(sampled, self.proj_v).reshape(batch, -1, heads, head_dim).transpose(1, 2)
