@@ -36,6 +36,21 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def _eager_inference() -> bool:
+    """Whether in-place fast paths may run: no gradient is recorded and the code runs eagerly (not traced,
+    compiled or exported, where graphs are kept functional)."""
+    return not torch.is_grad_enabled() and caching_allowed()
+
+
+def _gelu(x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(x)``, in place on a fresh ``x`` when no gradient is recorded: the hidden maps of the MLPs are the
+    largest tensors of the network (38 MB in DAT-T's first stage at batch 8) and every fresh page of a second one
+    costs a page fault."""
+    if isinstance(act, nn.GELU) and act.approximate == "none" and _eager_inference():
+        return torch.ops.aten.gelu_(x)
+    return act(x)
+
+
 class WindowAttention(nn.Module):
     """Local window attention (``L``) or shifted window attention (``S``, shift ``ceil(ws/2)``), NCHW in and out."""
 
@@ -56,6 +71,7 @@ class WindowAttention(nn.Module):
         index = rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
         self.register_buffer("relative_position_index", index, persistent=False)
         self._mask_cache: Dict[Tuple[int, int, str], torch.Tensor] = {}
+        self._order_cache: Dict[Tuple[int, int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(nW, N, N) additive mask (0 / -100) for the padded runtime size, cached per size."""
@@ -73,8 +89,31 @@ class WindowAttention(nn.Module):
             labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
             mask = (labels[:, :, None] != labels[:, None, :]).float() * -100.0
             if caching_allowed():
+                if len(self._mask_cache) >= 16:
+                    self._mask_cache.clear()
                 self._mask_cache[key] = mask
         return mask
+
+    def _token_order(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Flat token indices that cut the padded map, rolled by the shift, into windows, and the inverse that
+        pastes the window tokens back (cropped to ``height x width``): one ``index_select`` each way instead of a
+        roll (a copy per axis) and a partition copy. Cached per size."""
+        key = (height, width, str(device))
+        order = self._order_cache.get(key)
+        if order is None:
+            ws = self.window_size
+            padded_h, padded_w = -(-height // ws) * ws, -(-width // ws) * ws
+            grid = torch.arange(padded_h * padded_w, device=device).view(padded_h, padded_w)
+            if self.shift:
+                grid = torch.roll(grid, shifts=(-self.shift, -self.shift), dims=(0, 1))
+            gather = grid.view(padded_h // ws, ws, padded_w // ws, ws).transpose(1, 2).reshape(-1)
+            scatter = gather.argsort().view(padded_h, padded_w)[:height, :width].reshape(-1)
+            order = (gather, scatter)
+            if caching_allowed():
+                if len(self._order_cache) >= 16:
+                    self._order_cache.clear()
+                self._order_cache[key] = order
+        return order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -85,10 +124,8 @@ class WindowAttention(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = x.shape[1:3]
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        rows, cols = padded_h // ws, padded_w // ws
-        windows = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(-1, ws * ws, channels)
+        gather, scatter = self._token_order(height, width, x.device)
+        windows = x.reshape(batch, padded_h * padded_w, channels).index_select(1, gather).view(-1, ws * ws, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], ws * ws, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
@@ -99,11 +136,8 @@ class WindowAttention(nn.Module):
             bias = bias[None]
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = self.proj_out(out.transpose(1, 2).reshape(windows.shape[0], ws * ws, channels))
-        out = out.reshape(batch, rows, cols, ws, ws, channels).transpose(2, 3).reshape(batch, padded_h, padded_w, -1)
-        if self.shift:
-            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
-        return out[:, :height, :width].permute(0, 3, 1, 2)
+        out = self.proj_out(out.transpose(1, 2).reshape(batch, -1, channels))
+        return out.index_select(1, scatter).view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 class NeighborhoodAttention(nn.Module):
@@ -128,7 +162,7 @@ class NeighborhoodAttention(nn.Module):
         padded_h, padded_w = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)
-        out = neighborhood_attention_2d(q * self.scale, k, v, self.rpb, self.kernel_size)
+        out = neighborhood_attention_2d(q, k, v, self.rpb, self.kernel_size, scale=self.scale)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
         out = self.proj(out[:, :height, :width])
         return out.permute(0, 3, 1, 2)
@@ -179,7 +213,8 @@ class DeformableAttention(nn.Module):
         self._grid_cache: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grids(self, height: int, width: int, key_h: int, key_w: int, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Reference points (Hk, Wk, 2) and query positions (H*W, 2), normalised, in grid_sample's (x, y) order.
+        """Reference points (Hk, Wk, 2) and half the query positions (H*W, 2), normalised, in grid_sample's
+        (x, y) order.
 
         DAT++ divides by (Hk - 1) and places queries on the pixel grid; DAT divides by Hk and places queries at
         pixel centres. Cached per size (they depend on sizes only) outside tracing and compilation.
@@ -199,7 +234,7 @@ class DeformableAttention(nn.Module):
             return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
 
         reference = grid(axis(key_h, True), axis(key_w, True))
-        queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2)
+        queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2) * 0.5
         grids = (reference, queries)
         if caching_allowed():
             if len(self._grid_cache) >= 16:
@@ -207,13 +242,28 @@ class DeformableAttention(nn.Module):
             self._grid_cache[key] = grids
         return grids
 
+    @staticmethod
+    def _split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+        """(B, H, W, C) to (B * groups, C / groups, H, W) in one copy, channels-last like the other maps (so that
+        the offset convolution does not reorder it again)."""
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height, width, groups, channels // groups).permute(0, 3, 1, 2, 4)
+        return x.reshape(batch * groups, height, width, channels // groups).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """A 1x1 conv applied to the last (channel) dimension of a channels-last tensor."""
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         groups, heads = self.num_groups, self.num_heads
         group_channels = channels // groups
         head_dim = channels // heads
-        q = self.proj_q(x)
-        offset = self.conv_offset(q.reshape(batch * groups, group_channels, height, width))
+        # projections run on NHWC (free for the channels-last maps between blocks) so that the heads split off the
+        # channels keep a unit stride, which SDPA needs for its fused kernel
+        q = self._pointwise(x.permute(0, 2, 3, 1), self.proj_q)
+        offset = self.conv_offset(self._split_groups(q, groups))
         key_h, key_w = offset.shape[2:]
         if self.plus and (key_h < 2 or key_w < 2 or height < 2 or width < 2):
             raise ValueError(
@@ -235,23 +285,23 @@ class DeformableAttention(nn.Module):
         else:
             pos = (offset + reference).tanh()
         sampled = F.grid_sample(
-            x.reshape(batch * groups, group_channels, height, width), pos, mode="bilinear", align_corners=True,
+            self._split_groups(x.permute(0, 2, 3, 1), groups), pos, mode="bilinear", align_corners=True,
         )
-        sampled = sampled.reshape(batch, channels, 1, key_h * key_w)
-        # heads split off the channels of NHWC views: free for channels-last maps
-        q = q.permute(0, 2, 3, 1).reshape(batch, height * width, heads, head_dim).transpose(1, 2)
-        k = self.proj_k(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        v = self.proj_v(sampled).permute(0, 2, 3, 1).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        sampled = sampled.reshape(batch, groups, group_channels, -1).permute(0, 3, 1, 2).reshape(batch, -1, channels)
+        q = q.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
+        k = self._pointwise(sampled, self.proj_k).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        v = self._pointwise(sampled, self.proj_v).reshape(batch, -1, heads, head_dim).transpose(1, 2)
 
-        displacement = (queries[None, :, None] - pos.reshape(batch * groups, 1, -1, 2)) * 0.5
+        # the bias is read at half the query-to-key displacement: the table spans twice the map
+        displacement = queries[None, :, None] - (pos * 0.5).reshape(batch * groups, 1, -1, 2)
         table = self.rpe_table[None].expand(batch, -1, -1, -1)
         table = table.reshape(batch * groups, heads // groups, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, displacement, mode="bilinear", align_corners=True)
         bias = bias.reshape(batch, heads, height * width, key_h * key_w)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return self.proj_out(out)
+        out = self._pointwise(out.transpose(1, 2).reshape(batch, height, width, channels), self.proj_out)
+        return out.permute(0, 3, 1, 2)
 
 
 class ConvMlp(nn.Module):
@@ -266,8 +316,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        x = self.act(self.dwconv(x))
+        x = _gelu(self.dwconv(self.fc1(x)), self.act)
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -279,7 +328,10 @@ class TokenMlp(nn.Module):
         self.mlp = Mlp(dim, hidden_dim, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        mlp = self.mlp
+        x = _gelu(mlp.fc1(x.permute(0, 2, 3, 1)), mlp.act)
+        x = mlp.fc2(mlp.norm(mlp.drop1(x)))
+        return mlp.drop2(x).permute(0, 3, 1, 2)
 
 
 class DatBlock(nn.Module):
@@ -297,6 +349,10 @@ class DatBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
             x = self.lpu(x)
+        if not self.training and _eager_inference():
+            # the branch outputs are fresh: add the residual into them rather than allocating the sums
+            x = self.attn(self.norm1(x)).add_(x)
+            return self.mlp(self.norm2(x)).add_(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

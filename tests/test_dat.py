@@ -164,3 +164,53 @@ def test_export_matches_eager(model_name):
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _small(model_name):
+    return timm.create_model(model_name, depths=(2, 2, 2, 2), dims=(32, 64, 128, 256), dim_stem=32,
+                             heads=(1, 2, 4, 8), groups=(1, 1, 2, 4))
+
+
+@pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
+def test_inference_fast_path_equals_autograd_path(model_name):
+    """Without autograd the blocks add residuals and apply GELU in place: same values as the recorded path."""
+    model = _small(model_name).eval()
+    x = torch.randn(2, 3, 100, 72)
+    with torch.no_grad():
+        fast = model(x)
+    torch.testing.assert_close(fast, model(x), atol=1e-6, rtol=1e-6)
+
+
+def _window_attention_by_roll(attn, x):
+    """Shifted-window attention written plainly: pad, roll, partition, explicit softmax, reverse, roll back."""
+    batch, channels, height, width = x.shape
+    ws, heads = attn.window_size, attn.num_heads
+    x = x.permute(0, 2, 3, 1)
+    x = torch.nn.functional.pad(x, (0, 0, 0, -width % ws, 0, -height % ws))
+    padded_h, padded_w = x.shape[1:3]
+    x = torch.roll(x, (-attn.shift, -attn.shift), (1, 2))
+    windows = x.reshape(batch, padded_h // ws, ws, padded_w // ws, ws, channels).transpose(2, 3)
+    windows = windows.reshape(-1, ws * ws, channels)
+    q, k, v = attn.proj_qkv(windows).reshape(len(windows), ws * ws, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    logits = logits + attn.relative_position_bias_table[attn.relative_position_index].permute(2, 0, 1)
+    if attn.shift:
+        mask = attn._shift_mask(padded_h, padded_w, x.device)
+        logits = (logits.reshape(batch, -1, heads, ws * ws, ws * ws) + mask[:, None]).flatten(0, 1)
+    out = attn.proj_out((logits.softmax(-1) @ v).transpose(1, 2).reshape(len(windows), ws * ws, channels))
+    out = out.reshape(batch, padded_h // ws, padded_w // ws, ws, ws, channels).transpose(2, 3)
+    out = torch.roll(out.reshape(batch, padded_h, padded_w, channels), (attn.shift, attn.shift), (1, 2))
+    return out[:, :height, :width].permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_token_order_matches_roll_and_partition(shifted):
+    from dat_smt.dat import WindowAttention
+    attn = WindowAttention(16, 2, 7, shifted).double()
+    x = torch.randn(2, 16, 17, 23, dtype=torch.float64, requires_grad=True)
+    fast, plain = attn(x), _window_attention_by_roll(attn, x)
+    torch.testing.assert_close(fast, plain)
+    grad = torch.randn_like(fast)
+    params = [x, attn.proj_qkv.weight, attn.relative_position_bias_table]
+    for a, b in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(plain, params, grad)):
+        torch.testing.assert_close(a, b)

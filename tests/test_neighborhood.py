@@ -7,7 +7,8 @@ from dat_smt.ops.neighborhood import neighborhood_attention_2d, neighborhood_att
 
 @pytest.mark.parametrize(
     ("height", "width", "kernel_size", "block_size"),
-    [(7, 7, 7, 8), (8, 8, 7, 8), (16, 12, 7, 8), (14, 14, 3, 4), (9, 11, 5, 8), (13, 29, 5, 6), (23, 17, 7, 5)],
+    [(7, 7, 7, 8), (8, 8, 7, 8), (16, 12, 7, 8), (14, 14, 3, 4), (9, 11, 5, 8), (13, 29, 5, 6), (23, 17, 7, 5),
+     (14, 14, 7, 7), (28, 28, 7, 7)],
 )
 def test_blocked_matches_reference(height, width, kernel_size, block_size):
     q, k, v = (torch.randn(2, 3, height, width, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -17,6 +18,19 @@ def test_blocked_matches_reference(height, width, kernel_size, block_size):
     torch.testing.assert_close(fast, reference)
     grad = torch.randn_like(fast)
     for a, b in zip(torch.autograd.grad(fast, (q, k, v, rpb), grad),
+                    torch.autograd.grad(reference, (q, k, v, rpb), grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("height", "width"), [(14, 14), (28, 21)])  # the dense and the blocked formulation
+def test_scale_argument_equals_scaled_queries(height, width):
+    q, k, v = (torch.randn(2, 4, height, width, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(4, 13, 13, dtype=torch.float64, requires_grad=True)
+    scaled = neighborhood_attention_2d(q, k, v, rpb, 7, scale=0.35)
+    reference = neighborhood_attention_2d_reference(q * 0.35, k, v, rpb, 7)
+    torch.testing.assert_close(scaled, reference)
+    grad = torch.randn_like(scaled)
+    for a, b in zip(torch.autograd.grad(scaled, (q, k, v, rpb), grad),
                     torch.autograd.grad(reference, (q, k, v, rpb), grad)):
         torch.testing.assert_close(a, b)
 

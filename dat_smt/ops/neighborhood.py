@@ -109,7 +109,7 @@ class _Layout(NamedTuple):
     out_offset: torch.Tensor  # (H * W,) its place inside the block
 
 
-_LAYOUT_CACHE: "OrderedDict[Tuple[int, int, int, int, str], _Layout]" = OrderedDict()
+_LAYOUT_CACHE: "OrderedDict[Tuple[int, int, int, int, str], Tuple[torch.Tensor, ...]]" = OrderedDict()
 _LAYOUT_CACHE_SIZE = 32
 
 
@@ -139,20 +139,64 @@ def _layout(height: int, width: int, kernel_size: int, block_size: int, device: 
     return layout
 
 
+def _dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Flat index into the bias table and outside-the-neighborhood flag of every (query, key) pair of the map,
+    cached (LRU) like the blocked layout."""
+    key = (height, width, kernel_size, 0, str(device))
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is not None:
+        _LAYOUT_CACHE.move_to_end(key)
+        return layout
+    key_index, bias_index = _neighborhood_indices(height, width, kernel_size, device)
+    tokens = height * width
+    dense_bias = torch.zeros(tokens, tokens, dtype=torch.long, device=device).scatter_(1, key_index, bias_index)
+    outside = torch.ones(tokens, tokens, dtype=torch.bool, device=device).scatter_(
+        1, key_index, torch.zeros_like(key_index, dtype=torch.bool))
+    layout = (dense_bias.reshape(-1), outside.reshape(-1))
+    if caching_allowed():
+        _LAYOUT_CACHE[key] = layout
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    return layout
+
+
+def _blocked_pairs(length: int, kernel_size: int, block_size: int) -> Tuple[int, int]:
+    """(query, key) pairs along one axis of the blocked formulation: blocks x block length x halo length."""
+    block = min(block_size, length)
+    return -(-length // block) * block * min(block + kernel_size - 1, length), length * length
+
+
 def neighborhood_attention_2d(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 7
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int, block_size: int = 7,
+        scale: float = 1.0,
 ) -> torch.Tensor:
-    """Blocked neighborhood attention; same arguments and result as :func:`neighborhood_attention_2d_reference`.
+    """Neighborhood attention; same arguments and result as :func:`neighborhood_attention_2d_reference`, except
+    that the logits are multiplied by ``scale`` (so ``q`` need not be scaled beforehand).
 
     The map is cut into ``block_size``-square query blocks; each block attends densely (one fused SDPA call for
     all blocks) to the key halo that contains every neighborhood of its queries, with the relative position bias
-    and a large negative bias for halo keys outside a query's neighborhood.
+    and a large negative bias for halo keys outside a query's neighborhood. Small maps, where the halos cover
+    most of the map anyway (DAT++'s 14x14 third stage), attend densely to the whole map with such a bias instead,
+    which needs no gathering of q, k, v and the result.
 
     The result is a (B, heads, H, W, head_dim) view of a (B, H, W, heads, head_dim) tensor, so that merging the
     heads back into channels is free.
     """
     _check_inputs(q, k, v, rpb, kernel_size)
     batch, heads, height, width, head_dim = q.shape
+    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
+    masked = torch.finfo(rpb.dtype).min / 2
+    blocked_h, dense_h = _blocked_pairs(height, kernel_size, block_size)
+    blocked_w, dense_w = _blocked_pairs(width, kernel_size, block_size)
+    if dense_h * dense_w <= 2 * blocked_h * blocked_w:
+        with torch.no_grad():
+            bias_index, outside = _dense_layout(height, width, kernel_size, q.device)
+        tokens = height * width
+        bias = rpb.flatten(1)[:, bias_index].masked_fill(outside, masked).reshape(1, heads, tokens, tokens)
+        out = F.scaled_dot_product_attention(
+            *(t.reshape(batch, heads, tokens, head_dim) for t in (q, k, v)), attn_mask=bias, scale=scale)
+        return out.transpose(1, 2).reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
+
     with torch.no_grad():
         layout = _layout(height, width, kernel_size, block_size, q.device)
     num_blocks, block_len = layout.query_index.shape
@@ -163,12 +207,11 @@ def neighborhood_attention_2d(
         return x.reshape(batch, heads, height * width, head_dim)[:, :, index].reshape(
             batch, heads * num_blocks, index.shape[1], head_dim)
 
-    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
-    bias = rpb.flatten(1)[:, layout.bias_index].masked_fill(layout.outside, torch.finfo(rpb.dtype).min / 2)
+    bias = rpb.flatten(1)[:, layout.bias_index].masked_fill(layout.outside, masked)
     out = F.scaled_dot_product_attention(
         blocks(q, layout.query_index), blocks(k, layout.key_index), blocks(v, layout.key_index),
         # 4-d: SDPA takes its fused CPU kernel only for 2-d or 4-d masks (a 3-d one falls back to the math path)
-        attn_mask=bias.reshape(1, heads * num_blocks, block_len, halo_len), scale=1.0,
+        attn_mask=bias.reshape(1, heads * num_blocks, block_len, halo_len), scale=scale,
     )
     out = out.reshape(batch, heads, num_blocks, block_len, head_dim).permute(0, 2, 3, 1, 4)
     out = out[:, layout.out_block, layout.out_offset]  # (B, H*W, heads, head_dim)
