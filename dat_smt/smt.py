@@ -213,6 +213,8 @@ class StemHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        # channels-last convs run about twice as fast here, and their output is already the token layout
+        x = x.contiguous(memory_format=torch.channels_last)
         conv, bn, act, down = self.conv
         if _folds(bn):
             weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
