@@ -113,16 +113,19 @@ class ScaleAwareModulation(nn.Module):
         return s_weight, s_bias, weight, bias
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        v = self.v(x)
         s_weight, s_bias, conv_weight, conv_bias = self._mixed_scale_conv()
+        # one name for the successive maps, so that each is freed as soon as the next exists
         s = _tokens_to_map(F.linear(x, s_weight, s_bias), height, width)
-        mixed = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
+        s = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
         if _folds(self.bn):
             weight, bias = fold_batchnorm(self.proj0.weight, self.proj0.bias, self.bn)
-            hidden = F.conv2d(mixed, weight, bias, groups=self.proj0.groups)
+            s = F.conv2d(s, weight, bias, groups=self.proj0.groups)
         else:
-            hidden = self.bn(self.proj0(mixed))
-        modulator = self.proj1(gelu_(hidden)).flatten(2).transpose(1, 2)
+            s = self.bn(self.proj0(s))
+        modulator = self.proj1(gelu_(s)).flatten(2).transpose(1, 2)
+        del s
+        # v only now, so that it is not held while the wider maps are alive
+        v = self.v(x)
         x = modulator.mul_(v) if grad_free(modulator, v) else modulator * v
         return self.proj_drop(self.proj(x))
 
@@ -218,7 +221,8 @@ class StemHead(nn.Module):
         conv, bn, act, down = self.conv
         if _folds(bn):
             weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
-            x = down(act(F.conv2d(x, weight, bias, conv.stride, conv.padding)))
+            x = act(F.conv2d(x, weight, bias, conv.stride, conv.padding))
+            x = down(x)
         else:
             x = self.conv(x)
         height, width = x.shape[-2:]
