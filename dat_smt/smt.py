@@ -26,6 +26,7 @@ __all__ = ["SMT", "checkpoint_filter_fn"]
 
 _BLOCK_NORM = partial(nn.LayerNorm, eps=1e-6)
 _MIN_INPUT_SIZE = 4
+_SLICE_BYTES = 16 << 20
 
 
 def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -48,6 +49,15 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        hidden_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
+        if hidden_bytes > _SLICE_BYTES and x.shape[0] > 1 and grad_free(x):
+            # without autograd, batch slices keep the expanded hidden maps small enough for the allocator to reuse
+            # its memory; every large block is otherwise freshly mapped (and page-faulted) on every call
+            slices = x.tensor_split(min(x.shape[0], -(-hidden_bytes // _SLICE_BYTES)))
+            return torch.cat([self._forward(part, height, width) for part in slices])
+        return self._forward(x, height, width)
+
+    def _forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
         x = gelu_(self.dwconv(x, height, width))
         x = self.drop(x)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import dat_smt  # noqa: F401  (registers the models)
-from dat_smt.smt import SMT, checkpoint_filter_fn
+from dat_smt import smt
+from dat_smt.smt import SMT, ConvMlp, checkpoint_filter_fn
 
 MANIFESTS = {
     "smt_tiny": ("smt_tiny", {}),
@@ -359,3 +360,17 @@ def test_fast_paths_match_plain_math_and_gradients(kwargs, mode):
         assert not torch.equal(model.patch_embed1.conv[1].running_mean, torch.zeros(64, dtype=torch.float64))
     with torch.no_grad():
         torch.testing.assert_close(model(x), _plain_forward(plain, x), atol=1e-10, rtol=1e-9)
+
+
+def test_inference_batch_slices_match_plain_math(monkeypatch):
+    """Without autograd, MLPs with large hidden maps run in batch slices: the result must not change."""
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).double().eval()
+    x = torch.randn(3, 3, 64, 96, dtype=torch.float64)
+    calls = []
+    original = ConvMlp._forward
+    monkeypatch.setattr(ConvMlp, "_forward", lambda self, *args: calls.append(1) or original(self, *args))
+    monkeypatch.setattr(smt, "_SLICE_BYTES", 1)
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == 3 * 5
+    torch.testing.assert_close(out, _plain_forward(model, x), atol=1e-10, rtol=1e-9)
