@@ -1,9 +1,11 @@
 """Layers shared by the DAT and SMT models."""
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResidualDepthwiseConv2d", "caching_allowed"]
+__all__ = ["ResidualDepthwiseConv2d", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free"]
 
 
 class ResidualDepthwiseConv2d(nn.Conv2d):
@@ -26,3 +28,27 @@ def caching_allowed() -> bool:
     """Whether size-keyed tensor caches may be filled: not while tracing, compiling or exporting, where the
     tensors are graph values (or fake) rather than data."""
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def grad_free(*tensors: torch.Tensor) -> bool:
+    """Whether no gradient will flow through ``tensors``, so that any in-place update of them is safe."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """GELU of a tensor the caller owns, in place when no gradient flows through it (saves a fresh map)."""
+    return torch.ops.aten.gelu_(x) if grad_free(x) else F.gelu(x)
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a conv followed by ``bn`` in eval mode, as one conv (built from the parameters on every
+    call, so that gradients reach the conv and the BN affine parameters as through the two layers)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean if bias is None else bias - bn.running_mean
+    shift = shift * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), shift

@@ -19,17 +19,23 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d
+from ._layers import ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free
 from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
 _BLOCK_NORM = partial(nn.LayerNorm, eps=1e-6)
 _MIN_INPUT_SIZE = 4
+_SLICE_BYTES = 16 << 20
 
 
 def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+def _folds(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalises with its running statistics, so that it can be folded into the conv before it."""
+    return not bn.training and bn.running_mean is not None
 
 
 class ConvMlp(nn.Module):
@@ -39,13 +45,21 @@ class ConvMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.dwconv = DepthwiseConv(hidden_dim)
-        self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        hidden_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
+        if hidden_bytes > _SLICE_BYTES and x.shape[0] > 1 and grad_free(x):
+            # without autograd, batch slices keep the expanded hidden maps small enough for the allocator to reuse
+            # its memory; every large block is otherwise freshly mapped (and page-faulted) on every call
+            slices = x.tensor_split(min(x.shape[0], -(-hidden_bytes // _SLICE_BYTES)))
+            return torch.cat([self._forward(part, height, width) for part in slices])
+        return self._forward(x, height, width)
+
+    def _forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        x = self.act(self.dwconv(x, height, width))
+        x = gelu_(self.dwconv(x, height, width))
         x = self.drop(x)
         return self.drop(self.fc2(x))
 
@@ -82,7 +96,6 @@ class ScaleAwareModulation(nn.Module):
             setattr(self, f"local_conv_{i + 1}", nn.Conv2d(head_dim, head_dim, kernel, 1, kernel // 2, groups=head_dim))
         self.proj0 = nn.Conv2d(dim, dim * expand_ratio, 1, groups=head_dim)
         self.bn = nn.BatchNorm2d(dim * expand_ratio)
-        self.act = nn.GELU()
         self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -110,12 +123,20 @@ class ScaleAwareModulation(nn.Module):
         return s_weight, s_bias, weight, bias
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        v = self.v(x)
         s_weight, s_bias, conv_weight, conv_bias = self._mixed_scale_conv()
+        # one name for the successive maps, so that each is freed as soon as the next exists
         s = _tokens_to_map(F.linear(x, s_weight, s_bias), height, width)
-        mixed = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
-        modulator = self.proj1(self.act(self.bn(self.proj0(mixed))))
-        x = modulator.flatten(2).transpose(1, 2) * v
+        s = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
+        if _folds(self.bn):
+            weight, bias = fold_batchnorm(self.proj0.weight, self.proj0.bias, self.bn)
+            s = F.conv2d(s, weight, bias, groups=self.proj0.groups)
+        else:
+            s = self.bn(self.proj0(s))
+        modulator = self.proj1(gelu_(s)).flatten(2).transpose(1, 2)
+        del s
+        # v only now, so that it is not held while the wider maps are alive
+        v = self.v(x)
+        x = modulator.mul_(v) if grad_free(modulator, v) else modulator * v
         return self.proj_drop(self.proj(x))
 
 
@@ -155,7 +176,8 @@ class SelfAttention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
-        out = out + self.local_conv(_tokens_to_map(v_tokens, height, width)).flatten(2).transpose(1, 2)
+        # summed into the conv output, whose backward does not need it (SDPA's does need its own output)
+        out = self.local_conv(_tokens_to_map(v_tokens, height, width)).flatten(2).transpose(1, 2).add_(out)
         return self.proj_drop(self.proj(out))
 
 
@@ -180,10 +202,14 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        attn = self.attn(self.norm1(x), height, width)
-        x = x + self.drop_path(self.gamma_1 * attn if self.use_layerscale else attn)
-        mlp = self.mlp(self.norm2(x), height, width)
-        return x + self.drop_path(self.gamma_2 * mlp if self.use_layerscale else mlp)
+        x = self._residual(x, self.attn(self.norm1(x), height, width), self.gamma_1 if self.use_layerscale else None)
+        return self._residual(x, self.mlp(self.norm2(x), height, width), self.gamma_2 if self.use_layerscale else None)
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        """``x + drop_path(gamma * branch)``, accumulated into the branch output (a fresh tensor of this block whose
+        producer's backward does not need it), never into ``x``."""
+        branch = self.drop_path(branch)
+        return branch.add_(x) if gamma is None else torch.addcmul(x, gamma, branch)
 
 
 class StemHead(nn.Module):
@@ -200,7 +226,15 @@ class StemHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        x = self.conv(x)
+        # channels-last convs run about twice as fast here, and their output is already the token layout
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv, bn, act, down = self.conv
+        if _folds(bn):
+            weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
+            x = act(F.conv2d(x, weight, bias, conv.stride, conv.padding))
+            x = down(x)
+        else:
+            x = self.conv(x)
         height, width = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 

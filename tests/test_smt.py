@@ -1,4 +1,5 @@
 """SMT: parity with the official code (reference fixtures), official checkpoint formats, timm behaviour."""
+import copy
 import json
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import dat_smt  # noqa: F401  (registers the models)
-from dat_smt.smt import SMT, checkpoint_filter_fn
+from dat_smt import smt
+from dat_smt.smt import SMT, ConvMlp, checkpoint_filter_fn
 
 MANIFESTS = {
     "smt_tiny": ("smt_tiny", {}),
@@ -67,7 +69,7 @@ def test_fixture_interleaving_matters(reference_dir):
         v = attn.v(x)
         s = attn.s(x).transpose(1, 2).reshape(batch, dim, height, width).chunk(attn.num_heads, dim=1)
         mixed = torch.cat([getattr(attn, f"local_conv_{i + 1}")(t) for i, t in enumerate(s)], dim=1)
-        modulator = attn.proj1(attn.act(attn.bn(attn.proj0(mixed))))
+        modulator = attn.proj1(torch.nn.functional.gelu(attn.bn(attn.proj0(mixed))))
         return attn.proj(modulator.flatten(2).transpose(1, 2) * v)
 
     attn.forward = head_major
@@ -278,3 +280,97 @@ def test_compile_matches_eager():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _plain_forward(model: SMT, x: torch.Tensor) -> torch.Tensor:
+    """The SMT classifier written plainly after the official formulation: per-head MHMC convs stacked into the
+    interleaved order, BN modules, out-of-place residuals and activations. The truth for the fast paths."""
+    gelu = torch.nn.functional.gelu
+
+    def to_map(t, height, width):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], height, width)
+
+    def sam(attn, t, height, width):
+        batch, tokens, dim = t.shape
+        s = attn.s(t).reshape(batch, height, width, attn.num_heads, dim // attn.num_heads).permute(3, 0, 4, 1, 2)
+        heads = [getattr(attn, f"local_conv_{i + 1}")(s[i]) for i in range(attn.num_heads)]
+        modulator = attn.proj1(gelu(attn.bn(attn.proj0(torch.stack(heads, 2).reshape(batch, dim, height, width)))))
+        return attn.proj(modulator.reshape(batch, dim, tokens).transpose(1, 2) * attn.v(t))
+
+    def msa(attn, t, height, width):
+        batch, tokens, dim = t.shape
+        q = attn.q(t).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
+        k, v = attn.kv(t).reshape(batch, tokens, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = (((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        local = attn.local_conv(to_map(v.transpose(1, 2).reshape(batch, tokens, dim), height, width))
+        return attn.proj(out + local.flatten(2).transpose(1, 2))
+
+    def mlp(m, t, height, width):
+        hidden = m.fc1(t)
+        conv = m.dwconv.dwconv
+        local = torch.nn.functional.conv2d(to_map(hidden, height, width), conv.weight, conv.bias, padding=1,
+                                           groups=conv.groups)
+        return m.fc2(gelu(hidden + local.flatten(2).transpose(1, 2)))
+
+    for i in range(model.num_stages):
+        embed = getattr(model, f"patch_embed{i + 1}")
+        x = embed.conv(x) if i == 0 else embed.proj(x)
+        height, width = x.shape[-2:]
+        x = embed.norm(x.flatten(2).transpose(1, 2))
+        for block in getattr(model, f"block{i + 1}"):
+            mixer = sam if hasattr(block.attn, "proj0") else msa
+            gamma_1, gamma_2 = (block.gamma_1, block.gamma_2) if block.use_layerscale else (1.0, 1.0)
+            x = x + gamma_1 * mixer(block.attn, block.norm1(x), height, width)
+            x = x + gamma_2 * mlp(block.mlp, block.norm2(x), height, width)
+        x = to_map(getattr(model, f"norm{i + 1}")(x), height, width)
+    return model.head(x.mean(dim=(-2, -1)))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"use_layerscale": True, "layerscale_value": 0.5, "head_conv": 7}])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_paths_match_plain_math_and_gradients(kwargs, mode):
+    """Folded BNs, in-place activations / products / residuals: outputs, every gradient and (in training) the BN
+    running statistics equal the plain formulation, with and without autograd (in float64, so that only a real
+    difference, not summation order, can fail)."""
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1), **kwargs).double()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+    plain = copy.deepcopy(model)
+    model.train(mode == "train")
+    plain.train(mode == "train")
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = model(x_fast)
+    expected = _plain_forward(plain, x_plain)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-9)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_plain.grad, atol=1e-10, rtol=1e-9)
+    plain_params = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain_params[name].grad, atol=1e-10, rtol=1e-9, msg=name)
+    plain_buffers = dict(plain.named_buffers())
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, plain_buffers[name], msg=name)
+    if mode == "train":
+        assert not torch.equal(model.patch_embed1.conv[1].running_mean, torch.zeros(64, dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain_forward(plain, x), atol=1e-10, rtol=1e-9)
+
+
+def test_inference_batch_slices_match_plain_math(monkeypatch):
+    """Without autograd, MLPs with large hidden maps run in batch slices: the result must not change."""
+    model = timm.create_model("smt_tiny", depths=(1, 1, 2, 1)).double().eval()
+    x = torch.randn(3, 3, 64, 96, dtype=torch.float64)
+    calls = []
+    original = ConvMlp._forward
+    monkeypatch.setattr(ConvMlp, "_forward", lambda self, *args: calls.append(1) or original(self, *args))
+    monkeypatch.setattr(smt, "_SLICE_BYTES", 1)
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == 3 * 5
+    torch.testing.assert_close(out, _plain_forward(model, x), atol=1e-10, rtol=1e-9)
