@@ -36,8 +36,10 @@ def grad_free(*tensors: torch.Tensor) -> bool:
 
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
-    """GELU of a tensor the caller owns, in place when no gradient flows through it (saves a fresh map)."""
-    return torch.ops.aten.gelu_(x) if grad_free(x) else F.gelu(x)
+    """GELU of a tensor the caller owns, in place when no gradient flows through it and the code runs eagerly
+    (graphs being traced, compiled or exported are kept functional): the MLP hidden maps are the largest tensors
+    of these networks, and every fresh page of a second one costs a page fault."""
+    return torch.ops.aten.gelu_(x) if grad_free(x) and caching_allowed() else F.gelu(x)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d, caching_allowed
+from ._layers import ResidualDepthwiseConv2d, caching_allowed, gelu_
 from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
@@ -40,15 +40,6 @@ def _eager_inference() -> bool:
     """Whether in-place fast paths may run: no gradient is recorded and the code runs eagerly (not traced,
     compiled or exported, where graphs are kept functional)."""
     return not torch.is_grad_enabled() and caching_allowed()
-
-
-def _gelu(x: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """``act(x)``, in place on a fresh ``x`` when no gradient is recorded: the hidden maps of the MLPs are the
-    largest tensors of the network (38 MB in DAT-T's first stage at batch 8) and every fresh page of a second one
-    costs a page fault."""
-    if isinstance(act, nn.GELU) and act.approximate == "none" and _eager_inference():
-        return torch.ops.aten.gelu_(x)
-    return act(x)
 
 
 class WindowAttention(nn.Module):
@@ -311,12 +302,11 @@ class ConvMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.dwconv = ResidualDepthwiseConv2d(hidden_dim)
-        self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _gelu(self.dwconv(self.fc1(x)), self.act)
+        x = gelu_(self.dwconv(self.fc1(x)))
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -329,7 +319,7 @@ class TokenMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
-        x = _gelu(mlp.fc1(x.permute(0, 2, 3, 1)), mlp.act)
+        x = gelu_(mlp.fc1(x.permute(0, 2, 3, 1)))
         x = mlp.fc2(mlp.norm(mlp.drop1(x)))
         return mlp.drop2(x).permute(0, 3, 1, 2)
 
