@@ -1,11 +1,12 @@
 """Layers shared by the DAT and SMT models."""
-from typing import Tuple
+import math
+from typing import Callable, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResidualDepthwiseConv2d", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free"]
+__all__ = ["ResidualDepthwiseConv2d", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free", "in_batch_slices"]
 
 
 class ResidualDepthwiseConv2d(nn.Conv2d):
@@ -54,3 +55,22 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
     if bn.bias is not None:
         shift = shift + bn.bias
     return weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), shift
+
+
+SLICE_BYTES = 16 << 20
+
+
+def in_batch_slices(forward: Callable[..., torch.Tensor], x: torch.Tensor, expansion: float,
+                    *args) -> torch.Tensor:
+    """``forward(x, *args)`` for a per-sample ``forward`` (an MLP) whose hidden map is ``expansion`` times the size
+    of ``x``, run on batch slices when no gradient flows and that map would exceed :data:`SLICE_BYTES`.
+
+    glibc maps every block above its mmap threshold (at most 32 MB) afresh on each allocation, so the largest
+    hidden maps (26-38 MB at batch 8 in the first stages) page-fault on every call; slices small enough for the
+    allocator to reuse its memory make the same arithmetic about 10% faster end to end on CPU.
+    """
+    hidden_bytes = x.numel() * x.element_size() * expansion
+    if hidden_bytes <= SLICE_BYTES or x.shape[0] == 1 or not (grad_free(x) and caching_allowed()):
+        return forward(x, *args)
+    slices = x.tensor_split(min(x.shape[0], math.ceil(hidden_bytes / SLICE_BYTES)))
+    return torch.cat([forward(part, *args) for part in slices])

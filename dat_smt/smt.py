@@ -19,14 +19,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free
+from ._layers import ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free, in_batch_slices
 from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
 _BLOCK_NORM = partial(nn.LayerNorm, eps=1e-6)
 _MIN_INPUT_SIZE = 4
-_SLICE_BYTES = 16 << 20
 
 
 def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -49,13 +48,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
-        if hidden_bytes > _SLICE_BYTES and x.shape[0] > 1 and grad_free(x):
-            # without autograd, batch slices keep the expanded hidden maps small enough for the allocator to reuse
-            # its memory; every large block is otherwise freshly mapped (and page-faulted) on every call
-            slices = x.tensor_split(min(x.shape[0], -(-hidden_bytes // _SLICE_BYTES)))
-            return torch.cat([self._forward(part, height, width) for part in slices])
-        return self._forward(x, height, width)
+        return in_batch_slices(self._forward, x, self.fc1.out_features / self.fc1.in_features, height, width)
 
     def _forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import dat_smt  # noqa: F401  (registers the models)
-from dat_smt import smt
+from dat_smt import _layers
 from dat_smt.smt import SMT, ConvMlp, checkpoint_filter_fn
 
 MANIFESTS = {
@@ -369,7 +369,7 @@ def test_inference_batch_slices_match_plain_math(monkeypatch):
     calls = []
     original = ConvMlp._forward
     monkeypatch.setattr(ConvMlp, "_forward", lambda self, *args: calls.append(1) or original(self, *args))
-    monkeypatch.setattr(smt, "_SLICE_BYTES", 1)
+    monkeypatch.setattr(_layers, "SLICE_BYTES", 1)
     with torch.no_grad():
         out = model(x)
     assert len(calls) == 3 * 5
