@@ -71,18 +71,39 @@ class FrozenBatchNormConv2d(nn.Conv2d):
         self.train(conv.training)
         # Not a submodule: the BatchNorm keeps its place (and state-dict keys) in the parent module.
         object.__setattr__(self, "frozen_batch_norm", batch_norm)
+        self._folded: Tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def folded_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of the folded convolution, differentiable in the convolution's parameters.
+
+        Without autograd (inference, or frozen convolutions) they are computed once and kept until a parameter
+        or buffer changes (in place, or replaced): folding all of ResNet-50's weights at every call costs about
+        as much as the BatchNorm passes over the maps it saves at small input sizes.
+        """
         bn = self.frozen_batch_norm
+        sources = [t for t in (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        # The tensors themselves (kept alive by the cache, so their ids stay theirs), their in-place version
+        # counters and storages (``module.to`` swaps ``.data``).
+        key = None if needs_grad else [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
+        if key is not None and self._folded is not None and _same_tensors(self._folded[0], key):
+            return self._folded[1], self._folded[2]
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         shift = bn.bias - bn.running_mean * scale
         if self.bias is not None:
             shift = torch.addcmul(shift, self.bias, scale)
-        return self.weight * scale.view(-1, 1, 1, 1), shift
+        weight = self.weight * scale.view(-1, 1, 1, 1)
+        self._folded = None if key is None else (key, weight, shift)
+        return weight, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.folded_weight_and_bias()
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _same_tensors(a: List[Tuple[Any, ...]], b: List[Tuple[Any, ...]]) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
 
 
 def _conv_then_frozen_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:

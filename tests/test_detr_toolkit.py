@@ -320,6 +320,16 @@ def test_folded_frozen_batchnorm_matches_unfolded_values_gradients_and_keys():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, unfolded_params[name].grad, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(v, state[k]) for k, v in folded.state_dict().items())
+    # inference keeps the folded weights until a parameter or buffer changes
+    with torch.no_grad():
+        for _ in range(2):
+            for a, e in zip(folded.eval()(images, mask)[0], unfolded.eval()(images, mask)[0]):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        for model in (folded, unfolded):
+            model.body.layer4[1].bn2.running_mean.add_(0.5)
+            model.body.layer4[1].conv2.weight.mul_(1.5)
+        for a, e in zip(folded(images, mask)[0], unfolded(images, mask)[0]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_fold_frozen_batchnorm_leaves_convolutions_read_elsewhere():
