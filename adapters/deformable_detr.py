@@ -33,10 +33,6 @@ __all__ = [
     "project_levels",
 ]
 
-# Hidden activations per block of tokens in the encoder FFN: 8 MB in float32, below glibc's largest mmap
-# threshold (32 MB), so the blocks are served from the heap and reused instead of being mapped fresh each time.
-_FFN_CHUNK_ELEMENTS = 2 ** 21
-
 
 def flatten_levels(
         srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor], level_embed: torch.Tensor
@@ -164,15 +160,6 @@ class DeformableTransformerEncoderLayer(nn.Module):
         # every avoided temporary is 20-80 MB of memory traffic.
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(self.dropout1(attn).add_(src))
-        # The FFN is token-wise: run it on blocks of tokens whose hidden activations stay small (at 20k tokens
-        # the whole (S, d_ffn) hidden map is 80 MB, which malloc maps fresh, page by page, on every call).
-        tokens = src.flatten(0, 1)
-        rows = max(1, _FFN_CHUNK_ELEMENTS // self.linear1.out_features)
-        if tokens.shape[0] <= rows:
-            return self._ffn(src)
-        return torch.cat([self._ffn(chunk) for chunk in tokens.split(rows)]).view_as(src)
-
-    def _ffn(self, src: torch.Tensor) -> torch.Tensor:
         ffn = self.linear2(self.dropout2(self.linear1(src).relu_()))
         return self.norm2(self.dropout3(ffn).add_(src))
 
