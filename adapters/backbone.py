@@ -1,6 +1,6 @@
 """Adapter turning any timm ``features_only`` model into a detection backbone with per-level padding masks."""
 import math
-from typing import Any, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -9,7 +9,10 @@ from timm.layers import PatchEmbed, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
-__all__ = ["FrozenBatchNorm2d", "TimmBackbone", "build_backbone", "mask_to_size"]
+__all__ = [
+    "FoldedFrozenBatchNorm2d", "FrozenBatchNorm2d", "FrozenBatchNormConv2d", "TimmBackbone", "build_backbone",
+    "fold_frozen_batch_norm", "mask_to_size",
+]
 
 
 class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
@@ -38,6 +41,171 @@ def _one_pass_frozen_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A :class:`FrozenBatchNorm2d` whose normalisation its :class:`FrozenBatchNormConv2d` applies: it passes its
+    input through and only keeps the buffers (and their state-dict keys) where they were."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FrozenBatchNormConv2d(nn.Conv2d):
+    """A ``Conv2d`` followed by a frozen BatchNorm, computed as one convolution.
+
+    The frozen affine map ``x * scale + shift`` folds into the convolution: weights ``w * scale`` (per output
+    channel) and bias ``b * scale + shift``, computed from the live parameters and buffers at every call, so
+    trainable convolution weights get their gradients through the scaling and loaded checkpoints apply at once.
+    One pass over the output instead of two, and no second map of the output's size.
+
+    The convolution shares the parameters of the ``Conv2d`` it replaces (same state-dict keys) and reads the
+    buffers of ``batch_norm``, which stays registered where it was (as a :class:`FoldedFrozenBatchNorm2d`).
+    """
+
+    def __init__(self, conv: nn.Conv2d, batch_norm: FrozenBatchNorm2d):
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.train(conv.training)
+        # Not a submodule: the BatchNorm keeps its place (and state-dict keys) in the parent module.
+        object.__setattr__(self, "frozen_batch_norm", batch_norm)
+        self._folded: Tuple[Any, torch.Tensor, torch.Tensor] | None = None
+
+    def folded_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of the folded convolution, differentiable in the convolution's parameters.
+
+        Without autograd (inference, or frozen convolutions) they are computed once and kept until a parameter
+        or buffer changes (in place, or replaced): folding all of ResNet-50's weights at every call costs about
+        as much as the BatchNorm passes over the maps it saves at small input sizes.
+        """
+        bn = self.frozen_batch_norm
+        sources = [t for t in (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        # The tensors themselves (kept alive by the cache, so their ids stay theirs), their in-place version
+        # counters and storages (``module.to`` swaps ``.data``).
+        key = None if needs_grad else [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
+        if key is not None and self._folded is not None and _same_tensors(self._folded[0], key):
+            return self._folded[1], self._folded[2]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = torch.addcmul(shift, self.bias, scale)
+        weight = self.weight * scale.view(-1, 1, 1, 1)
+        self._folded = None if key is None else (key, weight, shift)
+        return weight, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded_weight_and_bias()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _same_tensors(a: List[Tuple[Any, ...]], b: List[Tuple[Any, ...]]) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
+
+
+def _conv_then_frozen_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
+    """(conv name, BatchNorm name) of every plain ``Conv2d`` whose output goes straight into a frozen BatchNorm
+    (no other call between them), seen on one forward; modules called more than once are left out."""
+    calls: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def record(name):
+        def hook(module, inputs, output):
+            calls.append((name, inputs[0], output))
+        return hook
+
+    handles = [
+        module.register_forward_hook(record(name)) for name, module in model.named_modules()
+        if (type(module) is nn.Conv2d and module.padding_mode == "zeros") or type(module) is FrozenBatchNorm2d
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    counts: Dict[str, int] = {}
+    for name, _, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    modules = dict(model.named_modules())
+    pairs = []
+    for (conv_name, _, conv_out), (bn_name, bn_in, _) in zip(calls, calls[1:]):
+        conv, bn = modules[conv_name], modules[bn_name]
+        if (type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d and bn_in is conv_out
+                and counts[conv_name] == counts[bn_name] == 1 and conv.out_channels == bn.weight.numel()):
+            pairs.append((conv_name, bn_name))
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
+
+
+def fold_frozen_batch_norm(model: nn.Module, example: torch.Tensor) -> int:
+    """Folds every frozen BatchNorm that directly follows a ``Conv2d`` into it (:class:`FrozenBatchNormConv2d`).
+
+    The pairs are found by running ``model`` once on ``example``; they are folded only if the folded model then
+    gives the same output (with the BatchNorms made non-trivial for the check), else nothing is folded: a
+    convolution whose raw output is also read elsewhere must keep it. Parameters, buffers and state-dict keys stay
+    the same. Returns the number of folded pairs.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = _conv_then_frozen_bn_pairs(model, example)
+        if not pairs:
+            return 0
+        modules = dict(model.named_modules())
+        # Compared with BatchNorms that are not the identity (fresh ones almost are), so that a raw convolution
+        # output read elsewhere, too, shows up as a difference.
+        buffers = [buffer for _, bn_name in pairs for buffer in modules[bn_name].buffers()]
+        saved = [buffer.clone() for buffer in buffers]
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, bn_name in pairs:
+                bn = modules[bn_name]
+                bn.weight.mul_(torch.rand(bn.weight.shape, generator=generator).add_(0.5))
+                bn.running_mean.add_(torch.rand(bn.weight.shape, generator=generator).sub_(0.5))
+            expected = model(example)
+            for conv_name, bn_name in pairs:
+                bn = modules[bn_name]
+                folded_bn = FoldedFrozenBatchNorm2d(bn.weight.numel(), eps=bn.eps)
+                for key, buffer in bn.named_buffers():
+                    setattr(folded_bn, key, buffer)
+                _set_submodule(model, bn_name, folded_bn)
+                _set_submodule(model, conv_name, FrozenBatchNormConv2d(modules[conv_name], folded_bn))
+            actual = model(example)
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+        if not all(torch.allclose(a, e, rtol=1e-4, atol=1e-4) for a, e in zip(_flat(actual), _flat(expected))):
+            for conv_name, bn_name in pairs:
+                _set_submodule(model, bn_name, modules[bn_name])
+                _set_submodule(model, conv_name, modules[conv_name])
+            return 0
+        return len(pairs)
+    finally:
+        model.train(was_training)
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """A small input that ``model`` runs on: its pretrained size when the model needs it, else 64 x 64."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224))[-2:]) if cfg.get("fixed_input_size", False) else (64, 64)
+    reference = next(iter(model.parameters()), torch.empty(0))
+    return torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(reference)
+
+
+def _flat(output: Any) -> List[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    return [t for item in output for t in _flat(item)]
+
+
 def _input_size_divisor(model: nn.Module) -> int:
     """What input heights and widths must be multiples of: timm patch embeddings that do not pad need whole patches."""
     divisor = 1
@@ -64,6 +232,9 @@ class TimmBackbone(nn.Module):
             stride-4 stage (the official ResNet setting: layer2-4 train); ``-1`` trains everything; 0 freezes all.
         channels_last: Run the body on channels-last (NHWC) input, which makes oneDNN's CPU convolutions of
             CNNs such as ResNet faster; the returned maps may then be channels-last strided.
+        fold_frozen_bn: Fold every frozen BatchNorm that directly follows a convolution into it
+            (:func:`fold_frozen_batch_norm`; same results, parameters and state-dict keys, one pass less over
+            every such map).
         **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
 
     Attributes:
@@ -82,6 +253,7 @@ class TimmBackbone(nn.Module):
             freeze_bn: bool = True,
             trainable_stages: int | None = None,
             channels_last: bool = False,
+            fold_frozen_bn: bool = True,
             **timm_kwargs,
     ):
         super().__init__()
@@ -107,6 +279,8 @@ class TimmBackbone(nn.Module):
         self.channels_last_output = getattr(fmt, "value", fmt) == "NHWC"
         if freeze_bn:
             model = _one_pass_frozen_batch_norm(freeze_batch_norm_2d(model))
+        if fold_frozen_bn and any(type(m) is FrozenBatchNorm2d for m in model.modules()):
+            fold_frozen_batch_norm(model, _example_input(model))
         self.body = model
         self.channels_last = channels_last
         self.size_divisibility = _input_size_divisor(model)

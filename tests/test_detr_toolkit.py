@@ -306,3 +306,74 @@ def test_one_channel_group_norm_on_a_1x1_level_at_batch_size_one(detector, optio
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert model.input_proj[-1][1].bias.grad.abs().sum() > 0
+
+
+def _randomised_frozen_bn_state(model: torch.nn.Module) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "bias")):
+            value = value + 0.2 * torch.randn(value.shape, generator=generator)
+        elif key.endswith("running_var") or (key.endswith("weight") and value.dim() == 1):
+            value = value * (0.5 + torch.rand(value.shape, generator=generator))
+        state[key] = value
+    return state
+
+
+def test_folded_frozen_batchnorm_matches_unfolded_values_gradients_and_keys():
+    from dat_smt.adapters.backbone import FoldedFrozenBatchNorm2d, FrozenBatchNormConv2d
+
+    torch.manual_seed(0)
+    unfolded = TimmBackbone("resnet18", fold_frozen_bn=False)
+    folded = TimmBackbone("resnet18")
+    assert list(folded.state_dict()) == list(unfolded.state_dict())
+    # every conv + BN of resnet18: stem, 2 x 8 in the blocks, 3 downsamples
+    assert sum(type(m) is FrozenBatchNormConv2d for m in folded.modules()) == 20
+    assert sum(type(m) is FoldedFrozenBatchNorm2d for m in folded.modules()) == 20
+    state = _randomised_frozen_bn_state(unfolded)
+    unfolded.load_state_dict(state)
+    folded.load_state_dict(state)  # loaded after folding: the folded convolutions read the live buffers
+    images, mask, _ = batch_images([torch.rand(3, 70, 90), torch.rand(3, 45, 100)])
+    expected, _ = unfolded.train()(images, mask)
+    actual, _ = folded.train()(images, mask)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    sum(e.square().sum() for e in expected).backward()
+    sum(a.square().sum() for a in actual).backward()
+    unfolded_params = dict(unfolded.named_parameters())
+    for name, param in folded.named_parameters():
+        assert param.requires_grad == unfolded_params[name].requires_grad
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, unfolded_params[name].grad, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, state[k]) for k, v in folded.state_dict().items())
+    # inference keeps the folded weights until a parameter or buffer changes
+    with torch.no_grad():
+        for _ in range(2):
+            for a, e in zip(folded.eval()(images, mask)[0], unfolded.eval()(images, mask)[0]):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        for model in (folded, unfolded):
+            model.body.layer4[1].bn2.running_mean.add_(0.5)
+            model.body.layer4[1].conv2.weight.mul_(1.5)
+        for a, e in zip(folded(images, mask)[0], unfolded(images, mask)[0]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_frozen_batchnorm_leaves_convolutions_read_elsewhere():
+    from dat_smt.adapters.backbone import FrozenBatchNormConv2d, fold_frozen_batch_norm
+
+    class RawOutputReused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = FrozenBatchNorm2d(4)
+            self.conv2 = torch.nn.Conv2d(4, 4, 1)
+            self.bn2 = FrozenBatchNorm2d(4)
+
+        def forward(self, x):
+            raw = self.conv(x)
+            x = self.bn2(self.conv2(self.bn(raw)))
+            return x + raw
+
+    model = RawOutputReused()
+    assert fold_frozen_batch_norm(model, torch.rand(1, 3, 8, 8)) == 0
+    assert not any(isinstance(m, FrozenBatchNormConv2d) for m in model.modules())
