@@ -1,12 +1,16 @@
 """Layers shared by the DAT and SMT models."""
 import math
-from typing import Callable, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResidualDepthwiseConv2d", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free", "in_batch_slices"]
+__all__ = [
+    "ResidualDepthwiseConv2d", "SizeCache", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free",
+    "in_batch_slices",
+]
 
 
 class ResidualDepthwiseConv2d(nn.Conv2d):
@@ -29,6 +33,30 @@ def caching_allowed() -> bool:
     """Whether size-keyed tensor caches may be filled: not while tracing, compiling or exporting, where the
     tensors are graph values (or fake) rather than data."""
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+T = TypeVar("T")
+
+
+class SizeCache:
+    """Tensors that depend on sizes only (masks, index tables, grids), built on first use and kept for the
+    ``max_entries`` most recently used keys; nothing is stored where :func:`caching_allowed` says no."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+            return value
+        value = build()
+        if caching_allowed():
+            self._entries[key] = value
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
 
 
 def grad_free(*tensors: torch.Tensor) -> bool:

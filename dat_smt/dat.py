@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d, caching_allowed, gelu_
+from ._layers import ResidualDepthwiseConv2d, SizeCache, caching_allowed, gelu_
 from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
@@ -61,50 +61,42 @@ class WindowAttention(nn.Module):
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window_size - 1
         index = rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
         self.register_buffer("relative_position_index", index, persistent=False)
-        self._mask_cache: Dict[Tuple[int, int, str], torch.Tensor] = {}
-        self._order_cache: Dict[Tuple[int, int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask_cache = SizeCache(16)
+        self._order_cache = SizeCache(16)
 
     def _shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(nW, N, N) additive mask (0 / -100) for the padded runtime size, cached per size."""
-        key = (height, width, str(device))
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            ws, s = self.window_size, self.shift
-            labels = torch.zeros(height, width, device=device)
-            slices = (slice(0, -ws), slice(-ws, -s), slice(-s, None))
-            label = 0
-            for rows in slices:
-                for cols in slices:
-                    labels[rows, cols] = label
-                    label += 1
-            labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
-            mask = (labels[:, :, None] != labels[:, None, :]).float() * -100.0
-            if caching_allowed():
-                if len(self._mask_cache) >= 16:
-                    self._mask_cache.clear()
-                self._mask_cache[key] = mask
-        return mask
+        return self._mask_cache.get((height, width, str(device)), lambda: self._build_shift_mask(height, width, device))
+
+    def _build_shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        ws, s = self.window_size, self.shift
+        labels = torch.zeros(height, width, device=device)
+        slices = (slice(0, -ws), slice(-ws, -s), slice(-s, None))
+        label = 0
+        for rows in slices:
+            for cols in slices:
+                labels[rows, cols] = label
+                label += 1
+        labels = labels.reshape(height // ws, ws, width // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+        return (labels[:, :, None] != labels[:, None, :]).float() * -100.0
 
     def _token_order(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Flat token indices that cut the padded map, rolled by the shift, into windows, and the inverse that
         pastes the window tokens back (cropped to ``height x width``): one ``index_select`` each way instead of a
         roll (a copy per axis) and a partition copy. Cached per size."""
-        key = (height, width, str(device))
-        order = self._order_cache.get(key)
-        if order is None:
-            ws = self.window_size
-            padded_h, padded_w = -(-height // ws) * ws, -(-width // ws) * ws
-            grid = torch.arange(padded_h * padded_w, device=device).view(padded_h, padded_w)
-            if self.shift:
-                grid = torch.roll(grid, shifts=(-self.shift, -self.shift), dims=(0, 1))
-            gather = grid.view(padded_h // ws, ws, padded_w // ws, ws).transpose(1, 2).reshape(-1)
-            scatter = gather.argsort().view(padded_h, padded_w)[:height, :width].reshape(-1)
-            order = (gather, scatter)
-            if caching_allowed():
-                if len(self._order_cache) >= 16:
-                    self._order_cache.clear()
-                self._order_cache[key] = order
-        return order
+        return self._order_cache.get(
+            (height, width, str(device)), lambda: self._build_token_order(height, width, device)
+        )
+
+    def _build_token_order(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        ws = self.window_size
+        padded_h, padded_w = -(-height // ws) * ws, -(-width // ws) * ws
+        grid = torch.arange(padded_h * padded_w, device=device).view(padded_h, padded_w)
+        if self.shift:
+            grid = torch.roll(grid, shifts=(-self.shift, -self.shift), dims=(0, 1))
+        gather = grid.view(padded_h // ws, ws, padded_w // ws, ws).transpose(1, 2).reshape(-1)
+        scatter = gather.argsort().view(padded_h, padded_w)[:height, :width].reshape(-1)
+        return gather, scatter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -201,7 +193,7 @@ class DeformableAttention(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * q_size[0] - 1, 2 * q_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
-        self._grid_cache: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grid_cache = SizeCache(16)
 
     def _grids(self, height: int, width: int, key_h: int, key_w: int, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Reference points (Hk, Wk, 2) and half the query positions (H*W, 2), normalised, in grid_sample's
@@ -210,11 +202,13 @@ class DeformableAttention(nn.Module):
         DAT++ divides by (Hk - 1) and places queries on the pixel grid; DAT divides by Hk and places queries at
         pixel centres. Cached per size (they depend on sizes only) outside tracing and compilation.
         """
-        key = (height, width, key_h, key_w, x.dtype, str(x.device))
-        grids = self._grid_cache.get(key)
-        if grids is not None:
-            return grids
+        return self._grid_cache.get(
+            (height, width, key_h, key_w, x.dtype, str(x.device)),
+            lambda: self._build_grids(height, width, key_h, key_w, x),
+        )
 
+    def _build_grids(self, height: int, width: int, key_h: int, key_w: int,
+                     x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         def axis(length: int, centres: bool) -> torch.Tensor:
             positions = torch.arange(length, device=x.device, dtype=x.dtype)
             if centres:
@@ -226,12 +220,7 @@ class DeformableAttention(nn.Module):
 
         reference = grid(axis(key_h, True), axis(key_w, True))
         queries = grid(axis(height, not self.plus), axis(width, not self.plus)).reshape(-1, 2) * 0.5
-        grids = (reference, queries)
-        if caching_allowed():
-            if len(self._grid_cache) >= 16:
-                self._grid_cache.clear()
-            self._grid_cache[key] = grids
-        return grids
+        return reference, queries
 
     @staticmethod
     def _split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:

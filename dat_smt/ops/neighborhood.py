@@ -4,13 +4,12 @@ Each query attends to the ``k x k`` keys around it; at the borders the window is
 ``k`` wide (it is never zero-padded). The bias of a key is ``rpb[head, dy + k - 1, dx + k - 1]`` where ``(dy, dx)``
 is the key position minus the query position. The semantics are those of natten 0.14 (used by DAT++).
 """
-from collections import OrderedDict
 from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .._layers import caching_allowed
+from .._layers import SizeCache
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
 
@@ -109,22 +108,23 @@ class _Layout(NamedTuple):
     out_offset: torch.Tensor  # (H * W,) its place inside the block
 
 
-_LAYOUT_CACHE: "OrderedDict[Tuple[int, int, int, int, str], Tuple[torch.Tensor, ...]]" = OrderedDict()
-_LAYOUT_CACHE_SIZE = 32
+_LAYOUT_CACHE = SizeCache(32)
 
 
 def _layout(height: int, width: int, kernel_size: int, block_size: int, device: torch.device) -> _Layout:
     """The layout for one size, cached (LRU) outside tracing and compilation: it depends on sizes only."""
-    key = (height, width, kernel_size, block_size, str(device))
-    layout = _LAYOUT_CACHE.get(key)
-    if layout is not None:
-        _LAYOUT_CACHE.move_to_end(key)
-        return layout
+    return _LAYOUT_CACHE.get(
+        (height, width, kernel_size, block_size, str(device)),
+        lambda: _build_layout(height, width, kernel_size, block_size, device),
+    )
+
+
+def _build_layout(height: int, width: int, kernel_size: int, block_size: int, device: torch.device) -> _Layout:
     rows_q, rows_k, rel_h, valid_h, block_h, offset_h = _block_layout(height, kernel_size, block_size, device)
     cols_q, cols_k, rel_w, valid_w, block_w, offset_w = _block_layout(width, kernel_size, block_size, device)
     nbw, tw, kw = rel_w.shape
     span = 2 * kernel_size - 1
-    layout = _Layout(
+    return _Layout(
         query_index=(rows_q[:, None, :, None] * width + cols_q[None, :, None, :]).reshape(-1, rows_q.shape[1] * tw),
         key_index=(rows_k[:, None, :, None] * width + cols_k[None, :, None, :]).reshape(-1, rows_k.shape[1] * kw),
         bias_index=(rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]).reshape(-1),
@@ -132,32 +132,23 @@ def _layout(height: int, width: int, kernel_size: int, block_size: int, device: 
         out_block=(block_h[:, None] * nbw + block_w[None, :]).reshape(-1),
         out_offset=(offset_h[:, None] * tw + offset_w[None, :]).reshape(-1),
     )
-    if caching_allowed():
-        _LAYOUT_CACHE[key] = layout
-        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.popitem(last=False)
-    return layout
 
 
 def _dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """Flat index into the bias table and outside-the-neighborhood flag of every (query, key) pair of the map,
     cached (LRU) like the blocked layout."""
-    key = (height, width, kernel_size, 0, str(device))
-    layout = _LAYOUT_CACHE.get(key)
-    if layout is not None:
-        _LAYOUT_CACHE.move_to_end(key)
-        return layout
+    return _LAYOUT_CACHE.get(
+        (height, width, kernel_size, 0, str(device)), lambda: _build_dense_layout(height, width, kernel_size, device)
+    )
+
+
+def _build_dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     key_index, bias_index = _neighborhood_indices(height, width, kernel_size, device)
     tokens = height * width
     dense_bias = torch.zeros(tokens, tokens, dtype=torch.long, device=device).scatter_(1, key_index, bias_index)
     outside = torch.ones(tokens, tokens, dtype=torch.bool, device=device).scatter_(
         1, key_index, torch.zeros_like(key_index, dtype=torch.bool))
-    layout = (dense_bias.reshape(-1), outside.reshape(-1))
-    if caching_allowed():
-        _LAYOUT_CACHE[key] = layout
-        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.popitem(last=False)
-    return layout
+    return dense_bias.reshape(-1), outside.reshape(-1)
 
 
 def _blocked_pairs(length: int, kernel_size: int, block_size: int) -> Tuple[int, int]:
