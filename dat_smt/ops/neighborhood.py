@@ -102,10 +102,8 @@ class _Layout(NamedTuple):
 
     query_index: torch.Tensor  # (nb, T) flat query positions of every block
     key_index: torch.Tensor  # (nb, K) flat key positions of every block's halo
-    bias_index: torch.Tensor  # (nb * T * K,) flat index into the (2k-1)^2 bias table
-    outside: torch.Tensor  # (nb * T * K,) halo key outside the query's neighborhood
-    out_block: torch.Tensor  # (H * W,) block holding each position's result
-    out_offset: torch.Tensor  # (H * W,) its place inside the block
+    bias_index: torch.Tensor  # (nb * T * K,) flat index into the masked bias table (see _masked_bias)
+    out_index: torch.Tensor  # (H * W,) flat (block, place in block) position of each result
 
 
 _LAYOUT_CACHE = SizeCache(32)
@@ -124,31 +122,40 @@ def _build_layout(height: int, width: int, kernel_size: int, block_size: int, de
     cols_q, cols_k, rel_w, valid_w, block_w, offset_w = _block_layout(width, kernel_size, block_size, device)
     nbw, tw, kw = rel_w.shape
     span = 2 * kernel_size - 1
+    bias_index = rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]
+    outside = ~(valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :])
+    out_block = block_h[:, None] * nbw + block_w[None, :]
+    out_offset = offset_h[:, None] * tw + offset_w[None, :]
     return _Layout(
         query_index=(rows_q[:, None, :, None] * width + cols_q[None, :, None, :]).reshape(-1, rows_q.shape[1] * tw),
         key_index=(rows_k[:, None, :, None] * width + cols_k[None, :, None, :]).reshape(-1, rows_k.shape[1] * kw),
-        bias_index=(rel_h[:, None, :, None, :, None] * span + rel_w[None, :, None, :, None, :]).reshape(-1),
-        outside=~(valid_h[:, None, :, None, :, None] & valid_w[None, :, None, :, None, :]).reshape(-1),
-        out_block=(block_h[:, None] * nbw + block_w[None, :]).reshape(-1),
-        out_offset=(offset_h[:, None] * tw + offset_w[None, :]).reshape(-1),
+        bias_index=bias_index.masked_fill(outside, span * span).reshape(-1),
+        out_index=(out_block * (rows_q.shape[1] * tw) + out_offset).reshape(-1),
     )
 
 
-def _dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
-    """Flat index into the bias table and outside-the-neighborhood flag of every (query, key) pair of the map,
+def _dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """Flat index into the masked bias table (see :func:`_masked_bias`) of every (query, key) pair of the map,
     cached (LRU) like the blocked layout."""
     return _LAYOUT_CACHE.get(
         (height, width, kernel_size, 0, str(device)), lambda: _build_dense_layout(height, width, kernel_size, device)
     )
 
 
-def _build_dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+def _build_dense_layout(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
     key_index, bias_index = _neighborhood_indices(height, width, kernel_size, device)
     tokens = height * width
-    dense_bias = torch.zeros(tokens, tokens, dtype=torch.long, device=device).scatter_(1, key_index, bias_index)
-    outside = torch.ones(tokens, tokens, dtype=torch.bool, device=device).scatter_(
-        1, key_index, torch.zeros_like(key_index, dtype=torch.bool))
-    return dense_bias.reshape(-1), outside.reshape(-1)
+    masked_entry = (2 * kernel_size - 1) ** 2
+    dense = torch.full((tokens, tokens), masked_entry, dtype=torch.long, device=device)
+    return dense.scatter_(1, key_index, bias_index).reshape(-1)
+
+
+def _masked_bias(rpb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rpb`` read at ``index`` for every head, where index ``(2k-1)^2`` (one past the table) reads a large
+    negative bias: one ``index_select`` (several times faster than advanced indexing followed by a masked fill)."""
+    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
+    masked = rpb.new_full((rpb.shape[0], 1), torch.finfo(rpb.dtype).min / 2)
+    return torch.cat([rpb.flatten(1), masked], 1).index_select(1, index)
 
 
 def _blocked_pairs(length: int, kernel_size: int, block_size: int) -> Tuple[int, int]:
@@ -175,15 +182,13 @@ def neighborhood_attention_2d(
     """
     _check_inputs(q, k, v, rpb, kernel_size)
     batch, heads, height, width, head_dim = q.shape
-    # a finite "minus infinity" keeps SDPA off its slow fully-masked-row handling; exp() of it is exactly 0
-    masked = torch.finfo(rpb.dtype).min / 2
     blocked_h, dense_h = _blocked_pairs(height, kernel_size, block_size)
     blocked_w, dense_w = _blocked_pairs(width, kernel_size, block_size)
     if dense_h * dense_w <= 2 * blocked_h * blocked_w:
         with torch.no_grad():
-            bias_index, outside = _dense_layout(height, width, kernel_size, q.device)
+            bias_index = _dense_layout(height, width, kernel_size, q.device)
         tokens = height * width
-        bias = rpb.flatten(1)[:, bias_index].masked_fill(outside, masked).reshape(1, heads, tokens, tokens)
+        bias = _masked_bias(rpb, bias_index).reshape(1, heads, tokens, tokens)
         out = F.scaled_dot_product_attention(
             *(t.reshape(batch, heads, tokens, head_dim) for t in (q, k, v)), attn_mask=bias, scale=scale)
         return out.transpose(1, 2).reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
@@ -198,12 +203,12 @@ def neighborhood_attention_2d(
         return x.reshape(batch, heads, height * width, head_dim)[:, :, index].reshape(
             batch, heads * num_blocks, index.shape[1], head_dim)
 
-    bias = rpb.flatten(1)[:, layout.bias_index].masked_fill(layout.outside, masked)
+    bias = _masked_bias(rpb, layout.bias_index)
     out = F.scaled_dot_product_attention(
         blocks(q, layout.query_index), blocks(k, layout.key_index), blocks(v, layout.key_index),
         # 4-d: SDPA takes its fused CPU kernel only for 2-d or 4-d masks (a 3-d one falls back to the math path)
         attn_mask=bias.reshape(1, heads * num_blocks, block_len, halo_len), scale=scale,
     )
-    out = out.reshape(batch, heads, num_blocks, block_len, head_dim).permute(0, 2, 3, 1, 4)
-    out = out[:, layout.out_block, layout.out_offset]  # (B, H*W, heads, head_dim)
+    out = out.reshape(batch, heads, num_blocks * block_len, head_dim).transpose(1, 2)
+    out = out.index_select(1, layout.out_index)  # (B, H*W, heads, head_dim)
     return out.reshape(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)
