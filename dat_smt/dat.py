@@ -267,10 +267,16 @@ class DeformableAttention(nn.Module):
         sampled = F.grid_sample(
             self._split_groups(x.permute(0, 2, 3, 1), groups), pos, mode="bilinear", align_corners=True,
         )
-        sampled = sampled.reshape(batch, groups, group_channels, -1).permute(0, 3, 1, 2).reshape(batch, -1, channels)
+        sampled = sampled.reshape(batch, groups, group_channels, -1).permute(0, 3, 1, 2).reshape(-1, channels)
         q = q.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
-        k = self._pointwise(sampled, self.proj_k).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        v = self._pointwise(sampled, self.proj_v).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        # keys and values in one GEMM over one contiguous copy of the samples (the permuted view would be copied
+        # once per projection and get its bias added in a separate pass)
+        kv = F.linear(
+            sampled.contiguous(),
+            torch.cat([self.proj_k.weight.flatten(1), self.proj_v.weight.flatten(1)]),
+            torch.cat([self.proj_k.bias, self.proj_v.bias]),
+        )
+        k, v = kv.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         # the bias is read at half the query-to-key displacement: the table spans twice the map
         displacement = queries[None, :, None] - (pos * 0.5).reshape(batch * groups, 1, -1, 2)
