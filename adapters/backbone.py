@@ -9,6 +9,8 @@ from timm.layers import PatchEmbed, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
+from dat_smt._layers import batchnorm_affine, fold_batchnorm
+
 __all__ = [
     "FoldedFrozenBatchNorm2d", "FrozenBatchNorm2d", "FrozenBatchNormConv2d", "TimmBackbone", "build_backbone",
     "fold_frozen_batch_norm", "mask_to_size",
@@ -23,9 +25,8 @@ class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
-        return torch.addcmul(bias.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        scale, shift = batchnorm_affine(self)
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
 def _one_pass_frozen_batch_norm(module: nn.Module) -> nn.Module:
@@ -89,11 +90,7 @@ class FrozenBatchNormConv2d(nn.Conv2d):
         key = None if needs_grad else [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
         if key is not None and self._folded is not None and _same_tensors(self._folded[0], key):
             return self._folded[1], self._folded[2]
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        shift = bn.bias - bn.running_mean * scale
-        if self.bias is not None:
-            shift = torch.addcmul(shift, self.bias, scale)
-        weight = self.weight * scale.view(-1, 1, 1, 1)
+        weight, shift = fold_batchnorm(self.weight, self.bias, bn)
         self._folded = None if key is None else (key, weight, shift)
         return weight, shift
 

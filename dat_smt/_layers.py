@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "ResidualDepthwiseConv2d", "SizeCache", "caching_allowed", "fold_batchnorm", "gelu_", "grad_free",
-    "in_batch_slices",
+    "ResidualDepthwiseConv2d", "SizeCache", "batchnorm_affine", "caching_allowed", "fold_batchnorm", "gelu_",
+    "grad_free", "in_batch_slices",
 ]
 
 
@@ -71,17 +71,28 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(x) if grad_free(x) and caching_allowed() else F.gelu(x)
 
 
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
-                   bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of a conv followed by ``bn`` in eval mode, as one conv (built from the parameters on every
-    call, so that gradients reach the conv and the BN affine parameters as through the two layers)."""
+def batchnorm_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` with which ``bn`` in eval mode (or frozen) maps ``x`` to ``x * scale + shift``.
+
+    ``bn`` is any BatchNorm-like module with ``running_mean``, ``running_var``, ``eps`` and a ``weight`` and ``bias``
+    that may be ``None`` (no affine). Built from the live tensors, so gradients reach trainable affine parameters.
+    """
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    shift = -bn.running_mean if bias is None else bias - bn.running_mean
-    shift = shift * scale
+    shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
+    return scale, shift
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a conv followed by ``bn`` in eval mode, as one conv (built from the parameters on every
+    call, so that gradients reach the conv and the BN affine parameters as through the two layers)."""
+    scale, shift = batchnorm_affine(bn)
+    if bias is not None:
+        shift = torch.addcmul(shift, bias, scale)
     return weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), shift
 
 

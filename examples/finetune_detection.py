@@ -20,14 +20,16 @@ clipping; the learning rate times 0.1 after ``--lr-drop`` epochs. The default si
 evaluation at 800).
 
 Every epoch evaluates COCO box AP with pycocotools (``dat_smt.adapters.evaluate_coco``) on the val split, with
-the shorter side resized to ``--eval-size`` and boxes mapped back to the original image (ground truth areas are
-box areas and crowd regions are left out, so on real COCO the numbers differ slightly from the official
-evaluation against the annotation file; ``predict_detection.py --annotations`` gives a results file for that),
-and writes to ``--output``: ``metrics.json`` (AP,
-AP50, AP75, APs, APm, APl per epoch), ``log.csv``, ``curves.png``, ``last.safetensors`` and ``best.safetensors``
-(weights; their metadata and ``model.json`` hold what ``predict_detection.py`` needs to rebuild the model) and
-``last_state.pt`` (weights, optimizer, lr schedule, epoch, RNG; ``torch.load(weights_only=True)``). Files are
-written to a temporary name and renamed, so a killed run leaves complete files; ``--resume
+the shorter side resized to ``--eval-size`` and boxes mapped back to the original image. The ground truth is every
+annotation as the file gives it: its bbox (not clipped), its ``area`` (which sets the small / medium / large
+ranges; the box area where it is missing) and its ``iscrowd`` (crowd regions, which detections may match without
+counting as false positives and which are never misses). The numbers are therefore those of the official
+evaluation of the same detections against the annotation file (``predict_detection.py --annotations`` writes them
+as a results file), images left out by ``--skip-missing-images`` aside. Every epoch also writes to ``--output``:
+``metrics.json`` (AP, AP50, AP75, APs, APm, APl per epoch), ``log.csv``, ``curves.png``, ``last.safetensors`` and
+``best.safetensors`` (weights; their metadata and ``model.json`` hold what ``predict_detection.py`` needs to rebuild
+the model) and ``last_state.pt`` (weights, optimizer, lr schedule, epoch, RNG; ``torch.load(weights_only=True)``).
+Files are written to a temporary name and renamed, so a killed run leaves complete files; ``--resume
 <output>/last_state.pt`` continues after the saved epoch.
 
 Bad data is checked in the main process before training:
@@ -35,9 +37,10 @@ Bad data is checked in the main process before training:
   unknown category id         error naming the annotation id, its image and the category id
   unknown image id            error naming the annotation id
   malformed bbox              error naming the annotation id (not 4 finite numbers, or negative width/height)
-  box partly outside image    clipped to the image, with a warning naming the annotation ids
-  zero-size box               dropped (also after clipping), with a warning naming the annotation ids
-  crowd annotation            ignored in training and evaluation (as DETR does for training)
+  malformed area              error naming the annotation id (not a finite number >= 0)
+  box partly outside image    clipped to the image for training, with a warning naming the annotation ids
+  zero-size box               dropped from training (also after clipping), with a warning naming the annotation ids
+  crowd annotation            ignored in training (as DETR does), kept as a crowd region for evaluation
   image without annotations   kept: it trains the "no object" class
 An image whose decoded size differs from its JSON width/height is reported (naming the file) when it is loaded.
 
@@ -99,13 +102,16 @@ class DataError(ValueError):
 
 @dataclass
 class CocoSplit:
-    """A validated COCO split: per image its file, id, clipped xyxy boxes and contiguous labels."""
+    """A validated COCO split. Per image: its file, id and size; the training targets (``boxes``: clipped xyxy boxes
+    without crowd and zero-size ones, ``labels``: contiguous labels); and the evaluation ground truth
+    (``eval_targets``: every annotation as in the file, ``{"boxes": xyxy, "labels", "area", "iscrowd"}``)."""
 
     files: list[Path] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     boxes: list[torch.Tensor] = field(default_factory=list)
     labels: list[torch.Tensor] = field(default_factory=list)
+    eval_targets: list[dict[str, torch.Tensor]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -160,7 +166,7 @@ def load_coco_split(image_dir: Path, annotation_file: Path, skip_missing_images:
         split.warnings.append(f"{name}: skipped {len(missing_files)} image(s) whose file does not exist: "
                               f"{_first(missing_files)}")
 
-    per_image = defaultdict(list)
+    per_image, annotated = defaultdict(list), defaultdict(list)
     clipped, dropped, crowd = [], [], 0
     for ann in coco["annotations"]:
         ann_id = ann.get("id", "?")
@@ -178,11 +184,16 @@ def load_coco_split(image_dir: Path, annotation_file: Path, skip_missing_images:
                 or bbox[2] < 0 or bbox[3] < 0):
             raise DataError(f"{annotation_file}: annotation {ann_id} has bbox {bbox}; expected [x, y, width, "
                             "height] with finite numbers and width, height >= 0")
-        if ann.get("iscrowd", 0):
+        x, y, w, h = map(float, bbox)
+        area = ann.get("area", w * h)
+        if not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+            raise DataError(f"{annotation_file}: annotation {ann_id} has area {area}; expected a finite number >= 0")
+        is_crowd = bool(ann.get("iscrowd", 0))
+        annotated[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]], float(area), is_crowd))
+        if is_crowd:
             crowd += 1
             continue
         _, width, height = images[ann["image_id"]]
-        x, y, w, h = map(float, bbox)
         box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
                min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
         if box[2] <= box[0] or box[3] <= box[1]:
@@ -193,12 +204,12 @@ def load_coco_split(image_dir: Path, annotation_file: Path, skip_missing_images:
         per_image[ann["image_id"]].append((box, label_of[ann["category_id"]]))
     if clipped:
         split.warnings.append(f"{name}: clipped {len(clipped)} box(es) extending outside their image to the image "
-                              f"(annotation ids {_first(clipped)})")
+                              f"for training (annotation ids {_first(clipped)})")
     if dropped:
         split.warnings.append(f"{name}: dropped {len(dropped)} box(es) of zero width or height inside the image "
-                              f"(annotation ids {_first(dropped)})")
+                              f"from training (annotation ids {_first(dropped)})")
     if crowd:
-        split.warnings.append(f"{name}: ignored {crowd} crowd annotation(s)")
+        split.warnings.append(f"{name}: {crowd} crowd annotation(s) ignored in training, kept for evaluation")
     for image_id, (path, width, height) in images.items():
         if str(path) in missing_files:
             continue
@@ -208,6 +219,14 @@ def load_coco_split(image_dir: Path, annotation_file: Path, skip_missing_images:
         split.sizes.append((height, width))
         split.boxes.append(torch.tensor([b for b, _ in objects], dtype=torch.float32).reshape(-1, 4))
         split.labels.append(torch.tensor([label for _, label in objects], dtype=torch.int64))
+        boxes, labels, areas, crowds = zip(*annotated[image_id]) if annotated[image_id] else ((), (), (), ())
+        split.eval_targets.append({
+            # float64, so that the way back to [x, y, width, height] for pycocotools keeps the file's numbers
+            "boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "area": torch.tensor(areas, dtype=torch.float64),
+            "iscrowd": torch.tensor(crowds, dtype=torch.int64),
+        })
     if not split.files:
         raise DataError(f"{annotation_file} lists no usable image")
     return split
@@ -249,11 +268,19 @@ def train_transforms(scales: list[int], max_size: int, crop_resize: list[int], c
 
 
 class CocoDetection(Dataset):
-    """(image (3, H, W) float in [0, 1], {"boxes": absolute xyxy, "labels": 0-based}) of a :class:`CocoSplit`."""
+    """(image (3, H, W) float in [0, 1], target) of a :class:`CocoSplit`.
 
-    def __init__(self, split: CocoSplit, transforms: v2.Transform | None = None):
+    The target is the training one, ``{"boxes": absolute xyxy, "labels": 0-based}`` through ``transforms``, or with
+    ``evaluation`` the evaluation ground truth of :func:`evaluate_coco` (every annotation with its ``area`` and
+    ``iscrowd``) for the image as it is.
+    """
+
+    def __init__(self, split: CocoSplit, transforms: v2.Transform | None = None, evaluation: bool = False):
+        if evaluation and transforms is not None:
+            raise ValueError("evaluation items are the images as they are: pass no transforms with evaluation=True")
         self.split = split
         self.transforms = transforms or v2.ToDtype(torch.float32, scale=True)
+        self.evaluation = evaluation
 
     def __len__(self) -> int:
         return len(self.split.files)
@@ -270,6 +297,8 @@ class CocoDetection(Dataset):
             height, width = self.split.sizes[index]
             raise DataError(f"image {path} is {size[1]}x{size[0]} (width x height) but its annotation says "
                             f"{width}x{height}")
+        if self.evaluation:
+            return F.to_dtype(image, torch.float32, scale=True), dict(self.split.eval_targets[index])
         target = {
             "boxes": tv_tensors.BoundingBoxes(self.split.boxes[index], format="XYXY", canvas_size=size),
             "labels": self.split.labels[index],
@@ -469,7 +498,7 @@ def main(argv=None) -> None:
     else:
         transforms = train_transforms(args.scales, args.max_size, args.crop_resize, args.crop_size)
     train_set = CocoDetection(train_split, transforms)
-    val_set = CocoDetection(val_split)
+    val_set = CocoDetection(val_split, evaluation=True)
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, num_workers=args.workers,
                               collate_fn=collate)

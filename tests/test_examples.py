@@ -225,6 +225,91 @@ def test_detection_coco_loader_bad_data(small_coco):
     assert len(split.files) == 2 and any("000002.png" in w for w in split.warnings)
 
 
+class FixedDetections(torch.nn.Module):
+    """A detector that answers the images it is given with ``outputs``, one per image in order."""
+
+    def __init__(self, outputs: list[dict], num_classes: int):
+        super().__init__()
+        self.outputs = iter(outputs)
+        self.num_classes = num_classes
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        return [next(self.outputs) for _ in images]
+
+
+def test_detection_evaluation_keeps_crowd_regions_and_annotation_areas(small_coco):
+    """Evaluation sees every annotation as in the file (crowd regions, areas, unclipped boxes), training only the
+    clipped non-crowd boxes, so ``evaluate_coco`` on the val items gives pycocotools' numbers on the file."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from dat_smt.adapters import evaluate_coco
+    from dat_smt.adapters.coco_eval import COCO_METRIC_NAMES
+
+    module = finetune_detection_module()
+    ann_file = small_coco / "annotations" / "instances_train.json"
+
+    def crowd_area_and_outside_box(coco):
+        coco["annotations"][0]["area"] = 2000.0  # medium by its (segmentation) area, small by its box
+        common = {"image_id": 2, "category_id": 1}
+        coco["annotations"] += [{"id": 98, "bbox": [20.0, -4.0, 30.0, 10.0], "area": 150.0, "iscrowd": 0, **common},
+                                {"id": 99, "bbox": [2.0, 3.0, 20.0, 25.0], "area": 300.0, "iscrowd": 1, **common}]
+
+    edit_json(ann_file, crowd_area_and_outside_box)
+    coco = json.loads(ann_file.read_text())
+    split = module.load_coco_split(small_coco / "train", ann_file)
+    assert any("1 crowd annotation(s) ignored in training" in w for w in split.warnings)
+    train_items = module.CocoDetection(split)
+    eval_items = module.CocoDetection(split, evaluation=True)
+    label_of = {cid: label for label, cid in enumerate(split.category_ids)}
+    for index, image_id in enumerate(split.image_ids):
+        annotations = [a for a in coco["annotations"] if a["image_id"] == image_id]
+        _, target = eval_items[index]
+        assert target["boxes"].tolist() == [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)]
+        assert target["labels"].tolist() == [label_of[a["category_id"]] for a in annotations]
+        assert target["area"].tolist() == [a["area"] for a in annotations]
+        assert target["iscrowd"].tolist() == [a["iscrowd"] for a in annotations]
+        _, train_target = train_items[index]
+        assert len(train_target["boxes"]) == len(train_target["labels"]) == sum(not a["iscrowd"] for a in annotations)
+    assert train_items[1][1]["boxes"].tolist()[-1] == [20.0, 0.0, 32.0, 6.0]
+    assert [2.0, 3.0, 22.0, 28.0] not in train_items[1][1]["boxes"].tolist()
+
+    # per image: every box moved a little, and one of category 1 inside the crowd region of image 2 (elsewhere a
+    # false positive)
+    generator = torch.Generator().manual_seed(0)
+    outputs = []
+    for target in split.eval_targets:
+        boxes = torch.cat([target["boxes"].float() + torch.rand(len(target["boxes"]), 4, generator=generator) * 2 - 1,
+                           torch.tensor([[5.0, 8.0, 20.0, 26.0]])])
+        outputs.append({"boxes": boxes, "scores": torch.rand(len(boxes), generator=generator) * 0.5 + 0.5,
+                        "labels": torch.cat([target["labels"], torch.tensor([label_of[1]])])})
+    results = [
+        {"image_id": image_id, "category_id": split.category_ids[label], "score": score,
+         "bbox": [x0, y0, x1 - x0, y1 - y0]}
+        for image_id, out in zip(split.image_ids, outputs)
+        for (x0, y0, x1, y1), score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist())
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(ann_file))
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    expected = evaluator.stats[:6].tolist()
+
+    def metrics(items) -> list[float]:
+        found = evaluate_coco(FixedDetections(outputs, len(split.category_ids)), items, device="cpu")
+        return [found[name] for name in COCO_METRIC_NAMES]
+
+    assert metrics(eval_items) == pytest.approx(expected, abs=1e-6)
+    # the training targets (no crowd, box areas, clipped) score otherwise: the check above depends on the fields
+    assert metrics(train_items) != pytest.approx(expected, abs=1e-3)
+
+    edit_json(ann_file, lambda coco: coco["annotations"][-1].update(area=-1.0))
+    with pytest.raises(ValueError, match=r"annotation 99 has area -1.0; expected a finite number >= 0"):
+        module.load_coco_split(small_coco / "train", ann_file)
+
+
 def test_detection_bad_data_fails_before_training(small_coco):
     def unknown_category(coco):
         coco["annotations"][0]["category_id"] = 42
