@@ -132,7 +132,7 @@ def residual_ffn(x: torch.Tensor, linear1: nn.Linear, linear2: nn.Linear, norm: 
     """The post-norm ReLU FFN block ``norm(x + dropout_out(linear2(dropout_hidden(relu(linear1(x))))))`` of a
     fresh tensor ``x`` that the caller gives up (it may be overwritten).
 
-    In inference (eval mode, no gradient, eager) the tokens go through in chunks whose hidden map stays below
+    In inference (eval mode, no gradient, eager) the tokens go through in chunks whose hidden map stays within
     :data:`FFN_CHUNK_BYTES`, written back into ``x``: a whole-map hidden tensor (80 MB for the 20k tokens of an
     800x1216 image) is mapped afresh by glibc on every call and page-faults on every page, while chunks reuse
     the allocator's memory. Every token is computed as in one pass.
