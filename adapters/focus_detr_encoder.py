@@ -15,6 +15,7 @@ from dat_smt.ops import MSDeformAttn
 
 from .deformable_detr import encoder_proposals, encoder_reference_points, flatten_levels
 from .focus_detr_selector import DEFAULT_CASCADE, ForegroundTokenSelector, cascade_token_indices
+from .utils import residual_ffn
 
 __all__ = [
     "DualAttentionEncoderLayer",
@@ -63,7 +64,6 @@ class DualAttentionEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.activation = nn.ReLU(inplace=True)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -102,9 +102,7 @@ class DualAttentionEncoderLayer(nn.Module):
             query + pos, reference_points, value, spatial_shapes, level_start_index, padding_mask
         )
         query = self.norm1(self.dropout1(attended).add_(query))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
-        query = self.norm2(self.dropout3(ffn).add_(query))
-        return query, selected
+        return residual_ffn(query, self.linear1, self.linear2, self.norm2, self.dropout2, self.dropout3), selected
 
 
 class FocusEncoderOutput(NamedTuple):

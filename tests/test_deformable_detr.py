@@ -18,6 +18,7 @@ from dat_smt.adapters import (
     convert_official_checkpoint,
     create_detector,
 )
+from dat_smt.adapters.deformable_detr import DeformableTransformerEncoderLayer, encoder_reference_points
 
 FIXTURES = [("deformable_detr_small", "refine"), ("deformable_detr_small_twostage", "twostage")]
 TINY = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32, num_queries=8)
@@ -241,3 +242,66 @@ def test_short_training_on_shapes_reaches_nontrivial_ap():
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
     after = evaluate_coco(model, data)
     assert before["AP50"] < 0.1 and after["AP50"] > 0.5, (before, after)
+
+
+def _encoder_layer_inputs(batch, masked):
+    torch.manual_seed(0)
+    shapes = torch.tensor([[40, 60], [20, 30], [10, 15], [5, 8]])
+    sizes = shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    tokens = int(sizes.sum())
+    src, pos = torch.randn(batch, tokens, 32), torch.randn(batch, tokens, 32)
+    mask = torch.zeros(batch, tokens, dtype=torch.bool)
+    valid_ratios = torch.ones(batch, 4, 2)
+    if masked:
+        # The last image is padded on the right: its rightmost quarter of every level.
+        for (h, w), start in zip(shapes.tolist(), level_start_index.tolist()):
+            mask[-1, start:start + h * w].view(h, w)[:, w - w // 4:] = True
+        valid_ratios[-1, :, 0] = torch.tensor([(w - w // 4) / w for w in shapes[:, 1].tolist()])
+    return src, pos, encoder_reference_points(shapes, valid_ratios), shapes, level_start_index, mask if masked else None
+
+
+def _plain_encoder_layer(layer, src, pos, reference_points, shapes, level_start_index, mask):
+    attn = layer.self_attn(src + pos, reference_points, src, shapes, level_start_index, mask)
+    x = layer.norm1(src + attn)
+    return layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+
+
+def _count_ffn_passes(layer):
+    passes = []
+    layer.linear1.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    return passes
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_encoder_layer_inference_ffn_in_token_chunks_matches_plain_layer(batch, masked):
+    # 3190 tokens x 1024 hidden floats per image is above the 8 MB chunk, so the FFN runs in chunks of 2048
+    # tokens, one of them spanning both images at batch 2.
+    inputs = _encoder_layer_inputs(batch, masked)
+    layer = DeformableTransformerEncoderLayer(d_model=32, d_ffn=1024, n_heads=4).eval()
+    passes = _count_ffn_passes(layer)
+    src_before = inputs[0].clone()
+    with torch.no_grad():
+        out = layer(inputs[0], *inputs[1:])
+        chunks = len(passes)
+        expected = _plain_encoder_layer(layer, *inputs)
+    assert chunks == -(-batch * 3190 // 2048) > 1
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(inputs[0], src_before)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_encoder_layer_with_autograd_keeps_the_plain_ffn_and_its_gradients(train):
+    src, *inputs = _encoder_layer_inputs(2, True)
+    layer = DeformableTransformerEncoderLayer(d_model=32, d_ffn=1024, dropout=0.0, n_heads=4).train(train)
+    passes = _count_ffn_passes(layer)
+    src = src.requires_grad_()
+    out = layer(src, *inputs)
+    assert len(passes) == 1
+    grads = torch.autograd.grad(out.square().sum(), [src, *layer.parameters()])
+    expected = _plain_encoder_layer(layer, src, *inputs)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [src, *layer.parameters()])
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)

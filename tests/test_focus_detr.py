@@ -6,12 +6,12 @@ import timm
 import torch
 from torch import nn
 
-from dat_smt.adapters import encoder_reference_points
+from dat_smt.adapters import encoder_reference_points, utils
 from dat_smt.adapters.focus_detr_convert import (
     convert_detectron2_resnet_state_dict,
     convert_focus_encoder_state_dict,
 )
-from dat_smt.adapters.focus_detr_encoder import FocusEncoder
+from dat_smt.adapters.focus_detr_encoder import DualAttentionEncoderLayer, FocusEncoder
 from dat_smt.adapters.focus_detr_selector import (
     ForegroundTokenSelector,
     cascade_token_indices,
@@ -255,6 +255,27 @@ def test_encoder_trains_selector_through_the_class_score():
     assert torch.isfinite(loss)
     assert encoder.selector.scorer.head[-1].weight.grad.abs().sum() > 0
     assert encoder.layers[0].cross_attn.value_proj.weight.grad.abs().sum() > 0
+
+
+def test_encoder_layer_inference_ffn_in_token_chunks_matches_plain_layer(monkeypatch):
+    torch.manual_seed(0)
+    layer = DualAttentionEncoderLayer(d_model=32, n_heads=4, ffn_dim=64, n_levels=2, topk_sa=8).eval()
+    shapes = torch.tensor([[6, 7], [3, 4]])
+    value, query, pos = torch.randn(2, 54, 32), torch.randn(2, 40, 32), torch.randn(2, 40, 32)
+    args = (query, pos, torch.rand(2, 40, 2, 2), torch.randn(2, 40), value, shapes, torch.tensor([0, 42]))
+    mask = torch.zeros(2, 54, dtype=torch.bool)
+    mask[1, 30:42] = True
+    passes = []
+    layer.linear1.register_forward_hook(lambda module, inputs, out: passes.append(inputs[0].shape[0]))
+    query_before = query.clone()
+    with torch.no_grad():
+        expected, expected_selected = layer(*args, mask)
+        monkeypatch.setattr(utils, "FFN_CHUNK_BYTES", 64 * 4 * 16)  # 16 tokens: 5 chunks over the 80 of the batch
+        out, selected = layer(*args, mask)
+    assert passes == [2, 16, 16, 16, 16, 16]
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(selected, expected_selected)
+    assert torch.equal(query, query_before)
 
 
 def test_encoder_rejects_bad_config():

@@ -327,6 +327,36 @@ def test_module_matches_reference_backend(extension, boxes):
     torch.testing.assert_close(module(*args), reference_module(*args), rtol=1e-5, atol=1e-6)
 
 
+def _plain_module_forward(module, query, reference_points, input_flatten, spatial_shapes, level_start_index):
+    n, lq, _ = query.shape
+    heads, levels, points = module.n_heads, module.n_levels, module.n_points
+    value = module.value_proj(input_flatten).view(n, -1, heads, module.d_model // heads)
+    offsets = module.sampling_offsets(query).view(n, lq, heads, levels, points, 2)
+    weights = module.attention_weights(query).view(n, lq, heads, levels * points).softmax(-1)
+    normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).float()
+    locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    output = ms_deform_attn_reference(
+        value, spatial_shapes, level_start_index, locations, weights.view(n, lq, heads, levels, points)
+    )
+    return module.output_proj(output)
+
+
+def test_module_point_locations_give_the_plain_formula_values_and_gradients():
+    module = _module()
+    module.backend = "reference"
+    query, reference_points, *rest = _module_inputs()
+    query.requires_grad_()
+    reference_points.requires_grad_()
+    inputs = [query, reference_points, *module.parameters()]
+    output = module(query, reference_points, *rest)
+    grads = torch.autograd.grad(output.square().sum(), inputs)
+    expected = _plain_module_forward(module, query, reference_points, *rest)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_fullgraph_matches_eager(extension):
     module = _module()
     args = _module_inputs()

@@ -94,15 +94,20 @@ class MSDeformAttn(nn.Module):
             # In place: the projection's output is a fresh tensor that autograd does not keep.
             value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        offsets = self.sampling_offsets(query)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
+            # offsets / (W, H) + reference, in place on the projection's fresh output (its backward does not need
+            # it) and over rows of (level, point, xy) per head: broadcasting both operands there gives the
+            # elementwise loops 32 contiguous values instead of 2, and the same values and gradients.
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            # In place on the fresh quotient (one temporary less); the same values and gradients as the sum.
-            offsets = offsets / normalizer[None, None, None, :, None, :]
-            locations = offsets.add_(reference_points[:, :, None, :, None, :])
+            normalizer = normalizer[:, None].expand(self.n_levels, self.n_points, 2).reshape(-1)
+            reference = reference_points[:, :, None, :, None].expand(n, lq, 1, self.n_levels, self.n_points, 2)
+            locations = offsets.view(n, lq, self.n_heads, -1).div_(normalizer).add_(reference.reshape(n, lq, 1, -1))
+            locations = locations.view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         elif reference_points.shape[-1] == 4:
+            offsets = offsets.view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
