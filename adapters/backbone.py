@@ -1,6 +1,7 @@
 """Adapter turning any timm ``features_only`` model into a detection backbone with per-level padding masks."""
 import math
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from collections import Counter
+from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -9,7 +10,7 @@ from timm.layers import PatchEmbed, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
-from dat_smt._layers import batchnorm_affine, fold_batchnorm
+from dat_smt._layers import batchnorm_affine, fold_batchnorm, grad_free
 
 __all__ = [
     "FoldedFrozenBatchNorm2d", "FrozenBatchNorm2d", "FrozenBatchNormConv2d", "TimmBackbone", "build_backbone",
@@ -84,10 +85,9 @@ class FrozenBatchNormConv2d(nn.Conv2d):
         bn = self.frozen_batch_norm
         sources = [t for t in (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                    if t is not None]
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
         # The tensors themselves (kept alive by the cache, so their ids stay theirs), their in-place version
         # counters and storages (``module.to`` swaps ``.data``).
-        key = None if needs_grad else [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
+        key = [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources] if grad_free(*sources) else None
         if key is not None and self._folded is not None and _same_tensors(self._folded[0], key):
             return self._folded[1], self._folded[2]
         weight, shift = fold_batchnorm(self.weight, self.bias, bn)
@@ -123,9 +123,7 @@ def _conv_then_frozen_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[
     finally:
         for handle in handles:
             handle.remove()
-    counts: Dict[str, int] = {}
-    for name, _, _ in calls:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for name, _, _ in calls)
     modules = dict(model.named_modules())
     pairs = []
     for (conv_name, _, conv_out), (bn_name, bn_in, _) in zip(calls, calls[1:]):
