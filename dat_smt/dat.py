@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d, SizeCache, caching_allowed, gelu_
+from ._layers import Linear, ResidualDepthwiseConv2d, SizeCache, caching_allowed, gelu_, in_batch_slices, linear
 from .hub import with_release_file
 from .ops.neighborhood import neighborhood_attention_2d
 
@@ -51,8 +51,8 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.shift = math.ceil(window_size / 2) if shifted else 0
         self.attn_drop = attn_drop
-        self.proj_qkv = nn.Linear(dim, 3 * dim)
-        self.proj_out = nn.Linear(dim, dim)
+        self.proj_qkv = Linear(dim, 3 * dim)
+        self.proj_out = Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.01)
         coords = torch.stack(torch.meshgrid(
@@ -131,10 +131,10 @@ class NeighborhoodAttention(nn.Module):
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         trunc_normal_(self.rpb, std=0.02)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
@@ -233,7 +233,7 @@ class DeformableAttention(nn.Module):
     @staticmethod
     def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """A 1x1 conv applied to the last (channel) dimension of a channels-last tensor."""
-        return F.linear(x, conv.weight.flatten(1), conv.bias)
+        return linear(x, conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -271,7 +271,7 @@ class DeformableAttention(nn.Module):
         q = q.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
         # keys and values in one GEMM over one contiguous copy of the samples (the permuted view would be copied
         # once per projection and get its bias added in a separate pass)
-        kv = F.linear(
+        kv = linear(
             sampled.contiguous(),
             torch.cat([self.proj_k.weight.flatten(1), self.proj_v.weight.flatten(1)]),
             torch.cat([self.proj_k.bias, self.proj_v.bias]),
@@ -313,9 +313,12 @@ class TokenMlp(nn.Module):
         self.mlp = Mlp(dim, hidden_dim, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_batch_slices(self._forward, x, self.mlp.fc1.out_features / self.mlp.fc1.in_features)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
-        x = gelu_(mlp.fc1(x.permute(0, 2, 3, 1)))
-        x = mlp.fc2(mlp.norm(mlp.drop1(x)))
+        x = gelu_(linear(x.permute(0, 2, 3, 1), mlp.fc1.weight, mlp.fc1.bias))
+        x = linear(mlp.norm(mlp.drop1(x)), mlp.fc2.weight, mlp.fc2.bias)
         return mlp.drop2(x).permute(0, 3, 1, 2)
 
 

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free, in_batch_slices
+from ._layers import Linear, ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free, in_batch_slices, linear
 from .hub import with_release_file
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
@@ -42,10 +42,10 @@ class ConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.dwconv = DepthwiseConv(hidden_dim)
         self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return in_batch_slices(self._forward, x, self.fc1.out_features / self.fc1.in_features, height, width)
@@ -82,15 +82,15 @@ class ScaleAwareModulation(nn.Module):
             raise ValueError(f"dim {dim} must be divisible by the number of SAM heads {num_heads}")
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.s = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = Linear(dim, dim, bias=qkv_bias)
+        self.s = Linear(dim, dim, bias=qkv_bias)
         for i in range(num_heads):
             kernel = 3 + 2 * i
             setattr(self, f"local_conv_{i + 1}", nn.Conv2d(head_dim, head_dim, kernel, 1, kernel // 2, groups=head_dim))
         self.proj0 = nn.Conv2d(dim, dim * expand_ratio, 1, groups=head_dim)
         self.bn = nn.BatchNorm2d(dim * expand_ratio)
         self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _mixed_scale_conv(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ class ScaleAwareModulation(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         s_weight, s_bias, conv_weight, conv_bias = self._mixed_scale_conv()
         # one name for the successive maps, so that each is freed as soon as the next exists
-        s = _tokens_to_map(F.linear(x, s_weight, s_bias), height, width)
+        s = _tokens_to_map(linear(x, s_weight, s_bias), height, width)
         s = F.conv2d(s, conv_weight, conv_bias, padding=self.num_heads, groups=conv_weight.shape[0])
         if _folds(self.bn):
             weight, bias = fold_batchnorm(self.proj0.weight, self.proj0.bias, self.bn)
@@ -147,11 +147,11 @@ class SelfAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.local_conv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -160,8 +160,8 @@ class SelfAttention(nn.Module):
         # k and v as two products so that v comes out dense for the depthwise conv (a slice of kv would be copied)
         k_weight, v_weight = self.kv.weight.chunk(2)
         k_bias, v_bias = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
-        v_tokens = F.linear(x, v_weight, v_bias)
-        k = F.linear(x, k_weight, k_bias).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        v_tokens = linear(x, v_weight, v_bias)
+        k = linear(x, k_weight, k_bias).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         v = v_tokens.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
