@@ -9,7 +9,8 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._layers import SizeCache
+from .._layers import SizeCache, caching_allowed, grad_free
+from ._extension import extension_status
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
 
@@ -177,10 +178,18 @@ def neighborhood_attention_2d(
     most of the map anyway (DAT++'s 14x14 third stage), attend densely to the whole map with such a bias instead,
     which needs no gathering of q, k, v and the result.
 
+    Inference (no gradient, eager) on float32 CPU tensors runs the C++ kernel of the project's extension instead,
+    which reads every query's neighbours in place (3-4x faster on DAT++'s first stages); without the extension,
+    with autograd and on other devices the formulation above runs.
+
     The result is a (B, heads, H, W, head_dim) view of a (B, H, W, heads, head_dim) tensor, so that merging the
     heads back into channels is free.
     """
     _check_inputs(q, k, v, rpb, kernel_size)
+    if (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == rpb.dtype == torch.float32
+            and grad_free(q, k, v, rpb) and caching_allowed() and extension_status("cpu")):
+        out = torch.ops.dat_smt_ext.neighborhood_attention_forward(q, k, v, rpb, kernel_size, scale)
+        return out.permute(0, 3, 1, 2, 4)
     batch, heads, height, width, head_dim = q.shape
     blocked_h, dense_h = _blocked_pairs(height, kernel_size, block_size)
     blocked_w, dense_w = _blocked_pairs(width, kernel_size, block_size)

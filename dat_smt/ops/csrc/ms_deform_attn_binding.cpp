@@ -1,5 +1,6 @@
 // Schemas of the extension operators; the CPU and CUDA files register their kernels for them. The public,
-// autograd-aware operator dat_smt::ms_deform_attn is defined in Python on top of these.
+// autograd-aware operator dat_smt::ms_deform_attn is defined in Python on top of the first two;
+// neighborhood_attention_forward (CPU only) is the inference path of dat_smt.ops.neighborhood_attention_2d.
 #include <torch/library.h>
 
 TORCH_LIBRARY(dat_smt_ext, m) {
@@ -9,4 +10,7 @@ TORCH_LIBRARY(dat_smt_ext, m) {
   m.def(
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "neighborhood_attention_forward(Tensor q, Tensor k, Tensor v, Tensor rpb, int kernel_size, float scale) "
+      "-> Tensor");
 }
