@@ -59,8 +59,8 @@ LevelTable read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level
 // Output rows [begin, end) of the (n, query, head) items.
 template <typename scalar_t, int64_t kChannels>
 DAT_SMT_CPU_INLINE void forward_items(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
-                                   const scalar_t* weights, scalar_t* output, const MsdaSizes& sz, int64_t begin,
-                                   int64_t end) {
+                                      const scalar_t* weights, scalar_t* output, const MsdaSizes& sz, int64_t begin,
+                                      int64_t end) {
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
   ChannelRow<scalar_t, kChannels> accumulator(sz.channels);
@@ -94,9 +94,9 @@ DAT_SMT_CPU_INLINE void forward_items(const scalar_t* value, const LevelTable& l
 // All queries of the (n, head) tasks [begin, end).
 template <typename scalar_t, int64_t kChannels>
 DAT_SMT_CPU_INLINE void backward_tasks(const scalar_t* value, const LevelTable& levels, const scalar_t* locations,
-                                    const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
-                                    scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz,
-                                    int64_t begin, int64_t end) {
+                                       const scalar_t* weights, const scalar_t* grad_output, scalar_t* grad_value,
+                                       scalar_t* grad_locations, scalar_t* grad_weights, const MsdaSizes& sz,
+                                       int64_t begin, int64_t end) {
   const int64_t stride = sz.heads * sz.channels;
   const int64_t samples = sz.levels * sz.points;
   ChannelRow<scalar_t, kChannels> grad_out(sz.channels);
@@ -154,20 +154,20 @@ DAT_SMT_CPU_INLINE void backward_tasks(const scalar_t* value, const LevelTable& 
     default: FUNCTION<SCALAR, 0>(__VA_ARGS__); break;          \
   }
 
-#define MSDA_DEFINE_ENTRY_POINTS(SCALAR)                                                                         \
-  DAT_SMT_CPU_MULTIVERSION void forward_range(const SCALAR* value, const LevelTable& levels,                       \
-                                           const SCALAR* locations, const SCALAR* weights, SCALAR* output,     \
-                                           const MsdaSizes& sz, int64_t begin, int64_t end) {                  \
+#define MSDA_DEFINE_ENTRY_POINTS(SCALAR)                                                                        \
+  DAT_SMT_CPU_MULTIVERSION void forward_range(const SCALAR* value, const LevelTable& levels,                    \
+                                              const SCALAR* locations, const SCALAR* weights, SCALAR* output,   \
+                                              const MsdaSizes& sz, int64_t begin, int64_t end) {                \
     MSDA_DISPATCH_CHANNELS(sz.channels, forward_items, SCALAR, value, levels, locations, weights, output, sz,   \
-                           begin, end)                                                                         \
-  }                                                                                                            \
-  DAT_SMT_CPU_MULTIVERSION void backward_range(const SCALAR* value, const LevelTable& levels,                     \
-                                            const SCALAR* locations, const SCALAR* weights,                    \
-                                            const SCALAR* grad_output, SCALAR* grad_value,                     \
-                                            SCALAR* grad_locations, SCALAR* grad_weights, const MsdaSizes& sz, \
-                                            int64_t begin, int64_t end) {                                      \
+                           begin, end)                                                                          \
+  }                                                                                                             \
+  DAT_SMT_CPU_MULTIVERSION void backward_range(const SCALAR* value, const LevelTable& levels,                   \
+                                               const SCALAR* locations, const SCALAR* weights,                  \
+                                               const SCALAR* grad_output, SCALAR* grad_value,                   \
+                                               SCALAR* grad_locations, SCALAR* grad_weights,                    \
+                                               const MsdaSizes& sz, int64_t begin, int64_t end) {               \
     MSDA_DISPATCH_CHANNELS(sz.channels, backward_tasks, SCALAR, value, levels, locations, weights, grad_output, \
-                           grad_value, grad_locations, grad_weights, sz, begin, end)                           \
+                           grad_value, grad_locations, grad_weights, sz, begin, end)                            \
   }
 
 MSDA_DEFINE_ENTRY_POINTS(float)
