@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "Linear", "ResidualDepthwiseConv2d", "SizeCache", "batchnorm_affine", "caching_allowed", "fold_batchnorm",
-    "gelu_", "grad_free", "in_batch_slices", "linear",
+    "Linear", "ResidualDepthwiseConv2d", "SizeCache", "batchnorm_affine", "caching_allowed", "eager_cpu_inference",
+    "fold_batchnorm", "gelu_", "grad_free", "in_batch_slices", "linear",
 ]
 
 
@@ -71,6 +71,13 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(x) if grad_free(x) and caching_allowed() else F.gelu(x)
 
 
+def eager_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` are float32 CPU tensors through which no gradient flows, in eager code: where the CPU
+    inference kernels (oneDNN's matmul, the extension's) may stand in for the autograd-aware formulations."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and grad_free(*tensors)
+            and caching_allowed())
+
+
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
@@ -79,8 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     picks for frozen CPU graphs), which runs these networks' projections (tall token matrices, narrow outputs)
     faster than the BLAS call behind ``F.linear``. Results agree to float32 rounding. Training, autograd and
     graphs being traced, compiled or exported keep ``F.linear``."""
-    if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and grad_free(x, weight, *(() if bias is None else (bias,))) and caching_allowed()):
+    if _onednn_linear is not None and eager_cpu_inference(*(t for t in (x, weight, bias) if t is not None)):
         return _onednn_linear(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

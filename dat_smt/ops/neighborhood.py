@@ -9,7 +9,7 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._layers import SizeCache, caching_allowed, grad_free
+from .._layers import SizeCache, eager_cpu_inference
 from ._extension import extension_status
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_reference"]
@@ -186,8 +186,7 @@ def neighborhood_attention_2d(
     heads back into channels is free.
     """
     _check_inputs(q, k, v, rpb, kernel_size)
-    if (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == rpb.dtype == torch.float32
-            and grad_free(q, k, v, rpb) and caching_allowed() and extension_status("cpu")):
+    if eager_cpu_inference(q, k, v, rpb) and extension_status("cpu"):
         out = torch.ops.dat_smt_ext.neighborhood_attention_forward(q, k, v, rpb, kernel_size, scale)
         return out.permute(0, 3, 1, 2, 4)
     batch, heads, height, width, head_dim = q.shape
