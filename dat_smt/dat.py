@@ -20,8 +20,18 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import Linear, ResidualDepthwiseConv2d, SizeCache, caching_allowed, gelu_, in_batch_slices, linear
+from ._layers import (
+    Linear,
+    ResidualDepthwiseConv2d,
+    SizeCache,
+    caching_allowed,
+    eager_cpu_inference,
+    gelu_,
+    in_batch_slices,
+    linear,
+)
 from .hub import with_release_file
+from .ops._extension import extension_status
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -43,7 +53,12 @@ def _eager_inference() -> bool:
 
 
 class WindowAttention(nn.Module):
-    """Local window attention (``L``) or shifted window attention (``S``, shift ``ceil(ws/2)``), NCHW in and out."""
+    """Local window attention (``L``) or shifted window attention (``S``, shift ``ceil(ws/2)``), NCHW in and out.
+
+    Eager float32 inference on the CPU runs the extension's kernel, which gathers each window from the projection
+    of the whole map (no partition, roll or mask tensors); autograd, other devices and dtypes and traced or
+    compiled graphs run the PyTorch formulation below.
+    """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, attn_drop: float = 0.0):
         super().__init__()
@@ -107,17 +122,22 @@ class WindowAttention(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = x.shape[1:3]
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+        dropout = self.attn_drop if self.training else 0.0
+        if dropout == 0.0 and eager_cpu_inference(x, bias) and extension_status("cpu"):
+            # the extension's kernel cuts the (shifted) windows out of the whole map's projection itself
+            out = torch.ops.dat_smt_ext.window_attention_forward(
+                self.proj_qkv(x), bias, ws, self.shift, self.num_heads, (channels // self.num_heads) ** -0.5)
+            return self.proj_out(out[:, :height, :width]).permute(0, 3, 1, 2)
         gather, scatter = self._token_order(height, width, x.device)
         windows = x.reshape(batch, padded_h * padded_w, channels).index_select(1, gather).view(-1, ws * ws, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], ws * ws, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         if self.shift:
             mask = self._shift_mask(padded_h, padded_w, x.device)
             bias = (bias[None] + mask[:, None]).repeat(batch, 1, 1, 1)
         else:
             bias = bias[None]
-        dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         out = self.proj_out(out.transpose(1, 2).reshape(batch, -1, channels))
         return out.index_select(1, scatter).view(batch, height, width, channels).permute(0, 3, 1, 2)

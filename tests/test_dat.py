@@ -1,4 +1,5 @@
 """DAT / DAT++: parity with the official reference fixtures, checkpoint conversion, any-size features, errors."""
+import copy
 import json
 
 import pytest
@@ -8,7 +9,10 @@ from safetensors.torch import load_file, save_file
 
 import dat_smt  # noqa: F401  (registers the models)
 from dat_smt import _layers
-from dat_smt.dat import DAT, checkpoint_filter_fn
+from dat_smt.dat import DAT, WindowAttention, checkpoint_filter_fn
+from dat_smt.ops._extension import load_extension
+
+needs_cpu_kernel = pytest.mark.skipif(not load_extension()["cpu"], reason="the C++ extension could not be built")
 
 VARIANTS = {
     "dat_tiny": "dat_v1_tiny", "dat_small": "dat_v1_small", "dat_base": "dat_v1_base",
@@ -174,8 +178,9 @@ def _small(model_name):
 
 @pytest.mark.parametrize("model_name", ["dat_tiny", "dat_pp_tiny"])
 def test_inference_fast_path_equals_autograd_path(model_name, monkeypatch):
-    """Without autograd the blocks add residuals and apply GELU in place, the projections run through oneDNN and
-    v1's MLPs on batch slices (forced here for every map): same values as the recorded path."""
+    """Without autograd the blocks add residuals and apply GELU in place, the projections run through oneDNN, the
+    attention through the extension's kernels and v1's MLPs on batch slices (forced here for every map): same values
+    as the recorded path."""
     monkeypatch.setattr(_layers, "SLICE_BYTES", 1)
     model = _small(model_name).eval()
     x = torch.randn(2, 3, 100, 72)
@@ -208,7 +213,6 @@ def _window_attention_by_roll(attn, x):
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_window_attention_token_order_matches_roll_and_partition(shifted):
-    from dat_smt.dat import WindowAttention
     attn = WindowAttention(16, 2, 7, shifted).double()
     x = torch.randn(2, 16, 17, 23, dtype=torch.float64, requires_grad=True)
     fast, plain = attn(x), _window_attention_by_roll(attn, x)
@@ -217,3 +221,50 @@ def test_window_attention_token_order_matches_roll_and_partition(shifted):
     params = [x, attn.proj_qkv.weight, attn.relative_position_bias_table]
     for a, b in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(plain, params, grad)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.fixture
+def window_kernel_calls(monkeypatch):
+    """Records the calls that reach the C++ window attention kernel."""
+    calls = []
+    kernel = torch.ops.dat_smt_ext.window_attention_forward
+
+    class Recorder:
+        def window_attention_forward(self, *args):
+            calls.append(args[2:4])
+            return kernel(*args)
+
+    monkeypatch.setattr(torch.ops, "dat_smt_ext", Recorder())
+    return calls
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    ("dim", "heads", "window_size", "shifted", "height", "width"),
+    [(96, 3, 7, True, 21, 28), (96, 3, 7, False, 14, 14), (64, 1, 7, True, 7, 7), (16, 2, 7, True, 17, 23),
+     (40, 2, 5, True, 9, 16), (48, 4, 4, True, 8, 12), (24, 2, 3, False, 10, 5)],
+)
+def test_window_attention_cpu_kernel_matches_roll_and_partition(
+        window_kernel_calls, dim, heads, window_size, shifted, height, width):
+    """Inference on float32 CPU tensors runs the C++ kernel (padded maps, shifts with their region masks, head sizes
+    of whole, partial and no vectors, windows whose token count is or is not a whole number of vectors)."""
+    attn = WindowAttention(dim, heads, window_size, shifted).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, dim, height, width)
+    with torch.inference_mode():
+        out = attn(x)
+    assert window_kernel_calls == [(window_size, attn.shift)]
+    expected = _window_attention_by_roll(copy.deepcopy(attn).double(), x.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_cpu_kernel
+def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(window_kernel_calls):
+    attn = WindowAttention(16, 2, 7, True)
+    x = torch.randn(1, 16, 14, 14)
+    attn(x).sum().backward()
+    attn.attn_drop = 0.5
+    with torch.no_grad():
+        attn(x)
+    assert window_kernel_calls == [] and attn.proj_qkv.weight.grad is not None

@@ -32,7 +32,7 @@ def test_built_wheel_ships_adapters_and_op_sources(tmp_path):
     assert "dat_smt/adapters/__init__.py" in names
     assert not any(name.startswith("adapters/") for name in names)
     assert any(name.startswith("dat_smt/ops/csrc/") and name.endswith(".h") for name in names)
-    assert "dat_smt/ops/csrc/neighborhood_attention_cpu.cpp" in names
+    assert {"dat_smt/ops/csrc/neighborhood_attention_cpu.cpp", "dat_smt/ops/csrc/window_attention_cpu.cpp"} <= names
 
     target = tmp_path / "site"
     subprocess.run(

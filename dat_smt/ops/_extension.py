@@ -1,5 +1,5 @@
 """Just-in-time build of the C++/CUDA extension (``dat_smt/ops/csrc``): the multi-scale deformable attention (MSDA)
-kernels for CPU and CUDA, and the CPU inference kernel of neighborhood attention.
+kernels for CPU and CUDA, and the CPU inference kernels of DAT's window attention and of neighborhood attention.
 
 The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
 into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later
@@ -67,8 +67,8 @@ def _source_digest() -> str:
 
 def _compile(cpp_extension, with_cuda: bool) -> str | None:
     """Builds (or finds in the cache) and loads one flavour of the extension; returns an error or None."""
-    sources = [CSRC_DIR / name for name in
-               ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp", "neighborhood_attention_cpu.cpp")]
+    sources = [CSRC_DIR / name for name in ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp",
+                                            "neighborhood_attention_cpu.cpp", "window_attention_cpu.cpp")]
     if with_cuda:
         sources.append(CSRC_DIR / "ms_deform_attn_cuda.cu")
     try:

@@ -1,6 +1,7 @@
 // Schemas of the extension operators; the CPU and CUDA files register their kernels for them. The public,
 // autograd-aware operator dat_smt::ms_deform_attn is defined in Python on top of the first two;
-// neighborhood_attention_forward (CPU only) is the inference path of dat_smt.ops.neighborhood_attention_2d.
+// neighborhood_attention_forward and window_attention_forward (CPU only) are the inference paths of
+// dat_smt.ops.neighborhood_attention_2d and of DAT's window attention.
 #include <torch/library.h>
 
 TORCH_LIBRARY(dat_smt_ext, m) {
@@ -13,4 +14,6 @@ TORCH_LIBRARY(dat_smt_ext, m) {
   m.def(
       "neighborhood_attention_forward(Tensor q, Tensor k, Tensor v, Tensor rpb, int kernel_size, float scale) "
       "-> Tensor");
+  m.def("window_attention_forward(Tensor qkv, Tensor bias, int window_size, int shift, int heads, float scale) "
+        "-> Tensor");
 }
