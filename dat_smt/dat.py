@@ -124,7 +124,8 @@ class WindowAttention(nn.Module):
         padded_h, padded_w = x.shape[1:3]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         dropout = self.attn_drop if self.training else 0.0
-        if dropout == 0.0 and eager_cpu_inference(x, bias) and extension_status("cpu"):
+        # (the kernel has no backward: the qkv projection's parameters must not need a gradient either)
+        if dropout == 0.0 and eager_cpu_inference(x, bias, *self.proj_qkv.parameters()) and extension_status("cpu"):
             # the extension's kernel cuts the (shifted) windows out of the whole map's projection itself
             out = torch.ops.dat_smt_ext.window_attention_forward(
                 self.proj_qkv(x), bias, ws, self.shift, self.num_heads, (channels // self.num_heads) ** -0.5)

@@ -268,3 +268,14 @@ def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(window
     with torch.no_grad():
         attn(x)
     assert window_kernel_calls == [] and attn.proj_qkv.weight.grad is not None
+
+
+@needs_cpu_kernel
+def test_window_attention_trains_qkv_projection_alone(window_kernel_calls):
+    """With everything frozen but the qkv projection, and an input that needs no gradient, the projection still
+    gets its gradient (the kernel, which has no backward, must not run)."""
+    attn = WindowAttention(16, 2, 7, True)
+    for name, param in attn.named_parameters():
+        param.requires_grad_(name.startswith("proj_qkv.weight"))
+    attn(torch.randn(1, 16, 14, 14)).sum().backward()
+    assert window_kernel_calls == [] and attn.proj_qkv.weight.grad is not None
