@@ -300,7 +300,10 @@ class DeformableAttention(nn.Module):
         k, v = kv.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         # the bias is read at half the query-to-key displacement: the table spans twice the map
-        displacement = queries[None, :, None] - (pos * 0.5).reshape(batch * groups, 1, -1, 2)
+        # (queries repeated per key first: broadcasting them over (x, y) pairs would make the subtraction's inner
+        # loop two elements long, four times slower)
+        queries = queries[:, None].expand(-1, key_h * key_w, 2).contiguous()
+        displacement = torch.sub(queries, pos.reshape(batch * groups, 1, -1, 2), alpha=0.5)
         table = self.rpe_table[None].expand(batch, -1, -1, -1)
         table = table.reshape(batch * groups, heads // groups, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, displacement, mode="bilinear", align_corners=True)
