@@ -124,7 +124,8 @@ class WindowAttention(nn.Module):
         padded_h, padded_w = x.shape[1:3]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         dropout = self.attn_drop if self.training else 0.0
-        if dropout == 0.0 and eager_cpu_inference(x, bias) and extension_status("cpu"):
+        # (the kernel has no backward: the qkv projection's parameters must not need a gradient either)
+        if dropout == 0.0 and eager_cpu_inference(x, bias, *self.proj_qkv.parameters()) and extension_status("cpu"):
             # the extension's kernel cuts the (shifted) windows out of the whole map's projection itself
             out = torch.ops.dat_smt_ext.window_attention_forward(
                 self.proj_qkv(x), bias, ws, self.shift, self.num_heads, (channels // self.num_heads) ** -0.5)
@@ -299,7 +300,10 @@ class DeformableAttention(nn.Module):
         k, v = kv.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         # the bias is read at half the query-to-key displacement: the table spans twice the map
-        displacement = queries[None, :, None] - (pos * 0.5).reshape(batch * groups, 1, -1, 2)
+        # (queries repeated per key first: broadcasting them over (x, y) pairs would make the subtraction's inner
+        # loop two elements long, four times slower)
+        queries = queries[:, None].expand(-1, key_h * key_w, 2).contiguous()
+        displacement = torch.sub(queries, pos.reshape(batch * groups, 1, -1, 2), alpha=0.5)
         table = self.rpe_table[None].expand(batch, -1, -1, -1)
         table = table.reshape(batch * groups, heads // groups, *self.rpe_table.shape[1:])
         bias = F.grid_sample(table, displacement, mode="bilinear", align_corners=True)

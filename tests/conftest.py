@@ -34,3 +34,23 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"reference folder {REFERENCE_DIR} is absent; set DAT_SMT_REFERENCE_DIR to point at it")
     return REFERENCE_DIR.resolve()
+
+
+@pytest.fixture
+def extension_calls(monkeypatch):
+    """Records ``(operator name, arguments)`` of every call to the C++ extension's operators (which still run)."""
+    calls = []
+    operators = torch.ops.dat_smt_ext
+
+    class Recorder:
+        def __getattr__(self, name):
+            operator = getattr(operators, name)
+
+            def record(*args):
+                calls.append((name, args))
+                return operator(*args)
+
+            return record
+
+    monkeypatch.setattr(torch.ops, "dat_smt_ext", Recorder())
+    return calls

@@ -223,21 +223,6 @@ def test_window_attention_token_order_matches_roll_and_partition(shifted):
         torch.testing.assert_close(a, b)
 
 
-@pytest.fixture
-def window_kernel_calls(monkeypatch):
-    """Records the calls that reach the C++ window attention kernel."""
-    calls = []
-    kernel = torch.ops.dat_smt_ext.window_attention_forward
-
-    class Recorder:
-        def window_attention_forward(self, *args):
-            calls.append(args[2:4])
-            return kernel(*args)
-
-    monkeypatch.setattr(torch.ops, "dat_smt_ext", Recorder())
-    return calls
-
-
 @needs_cpu_kernel
 @pytest.mark.parametrize(
     ("dim", "heads", "window_size", "shifted", "height", "width"),
@@ -245,7 +230,7 @@ def window_kernel_calls(monkeypatch):
      (40, 2, 5, True, 9, 16), (48, 4, 4, True, 8, 12), (24, 2, 3, False, 10, 5)],
 )
 def test_window_attention_cpu_kernel_matches_roll_and_partition(
-        window_kernel_calls, dim, heads, window_size, shifted, height, width):
+        extension_calls, dim, heads, window_size, shifted, height, width):
     """Inference on float32 CPU tensors runs the C++ kernel (padded maps, shifts with their region masks, head sizes
     of whole, partial and no vectors, windows whose token count is or is not a whole number of vectors)."""
     attn = WindowAttention(dim, heads, window_size, shifted).eval()
@@ -254,17 +239,29 @@ def test_window_attention_cpu_kernel_matches_roll_and_partition(
     x = torch.randn(2, dim, height, width)
     with torch.inference_mode():
         out = attn(x)
-    assert window_kernel_calls == [(window_size, attn.shift)]
+    assert [(name, args[2:4]) for name, args in extension_calls] == [
+        ("window_attention_forward", (window_size, attn.shift))]
     expected = _window_attention_by_roll(copy.deepcopy(attn).double(), x.double())
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @needs_cpu_kernel
-def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(window_kernel_calls):
+def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(extension_calls):
     attn = WindowAttention(16, 2, 7, True)
     x = torch.randn(1, 16, 14, 14)
     attn(x).sum().backward()
     attn.attn_drop = 0.5
     with torch.no_grad():
         attn(x)
-    assert window_kernel_calls == [] and attn.proj_qkv.weight.grad is not None
+    assert extension_calls == [] and attn.proj_qkv.weight.grad is not None
+
+
+@needs_cpu_kernel
+def test_window_attention_trains_qkv_projection_alone(extension_calls):
+    """With everything frozen but the qkv projection, and an input that needs no gradient, the projection still
+    gets its gradient (the kernel, which has no backward, must not run)."""
+    attn = WindowAttention(16, 2, 7, True)
+    for name, param in attn.named_parameters():
+        param.requires_grad_(name.startswith("proj_qkv.weight"))
+    attn(torch.randn(1, 16, 14, 14)).sum().backward()
+    assert extension_calls == [] and attn.proj_qkv.weight.grad is not None
