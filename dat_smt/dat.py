@@ -22,7 +22,6 @@ from timm.models._features import feature_take_indices
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
 from ._layers import (
     Linear,
-    ResidualDepthwiseConv2d,
     SizeCache,
     caching_allowed,
     eager_cpu_inference,
@@ -32,6 +31,7 @@ from ._layers import (
 )
 from .hub import with_release_file
 from .ops._extension import extension_status
+from .ops.depthwise import ResidualDepthwiseConv2d
 from .ops.neighborhood import neighborhood_attention_2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
@@ -320,13 +320,15 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = ResidualDepthwiseConv2d(hidden_dim)
+        self.dwconv = ResidualDepthwiseConv2d(hidden_dim, gelu=True)
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gelu_(self.dwconv(self.fc1(x)))
-        return self.drop(self.fc2(self.drop(x)))
+        return in_batch_slices(self._forward, x, self.fc1.out_channels / self.fc1.in_channels)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.dwconv(self.fc1(x)))))
 
 
 class TokenMlp(nn.Module):

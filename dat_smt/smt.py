@@ -19,8 +19,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
-from ._layers import Linear, ResidualDepthwiseConv2d, fold_batchnorm, gelu_, grad_free, in_batch_slices, linear
+from ._layers import Linear, fold_batchnorm, gelu_, grad_free, in_batch_slices, linear
 from .hub import with_release_file
+from .ops.depthwise import ResidualDepthwiseConv2d
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
@@ -43,7 +44,7 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = Linear(dim, hidden_dim)
-        self.dwconv = DepthwiseConv(hidden_dim)
+        self.dwconv = DepthwiseConv(hidden_dim, gelu=True)
         self.drop = nn.Dropout(drop)
         self.fc2 = Linear(hidden_dim, dim)
 
@@ -52,17 +53,17 @@ class ConvMlp(nn.Module):
 
     def _forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        x = gelu_(self.dwconv(x, height, width))
+        x = self.dwconv(x, height, width)
         x = self.drop(x)
         return self.drop(self.fc2(x))
 
 
 class DepthwiseConv(nn.Module):
-    """Tokens (B, N, C) plus a depthwise 3x3 conv over them laid out as an H x W map."""
+    """Tokens (B, N, C) plus a depthwise 3x3 conv over them laid out as an H x W map, then GELU with ``gelu``."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, gelu: bool = False):
         super().__init__()
-        self.dwconv = ResidualDepthwiseConv2d(dim)
+        self.dwconv = ResidualDepthwiseConv2d(dim, gelu=gelu)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.dwconv(_tokens_to_map(x, height, width)).flatten(2).transpose(1, 2)

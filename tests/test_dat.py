@@ -10,9 +10,6 @@ from safetensors.torch import load_file, save_file
 import dat_smt  # noqa: F401  (registers the models)
 from dat_smt import _layers
 from dat_smt.dat import DAT, WindowAttention, checkpoint_filter_fn
-from dat_smt.ops._extension import load_extension
-
-needs_cpu_kernel = pytest.mark.skipif(not load_extension()["cpu"], reason="the C++ extension could not be built")
 
 VARIANTS = {
     "dat_tiny": "dat_v1_tiny", "dat_small": "dat_v1_small", "dat_base": "dat_v1_base",
@@ -223,7 +220,6 @@ def test_window_attention_token_order_matches_roll_and_partition(shifted):
         torch.testing.assert_close(a, b)
 
 
-@needs_cpu_kernel
 @pytest.mark.parametrize(
     ("dim", "heads", "window_size", "shifted", "height", "width"),
     [(96, 3, 7, True, 21, 28), (96, 3, 7, False, 14, 14), (64, 1, 7, True, 7, 7), (16, 2, 7, True, 17, 23),
@@ -245,7 +241,6 @@ def test_window_attention_cpu_kernel_matches_roll_and_partition(
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
 
 
-@needs_cpu_kernel
 def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(extension_calls):
     attn = WindowAttention(16, 2, 7, True)
     x = torch.randn(1, 16, 14, 14)
@@ -256,7 +251,6 @@ def test_window_attention_cpu_kernel_is_not_used_with_autograd_or_dropout(extens
     assert extension_calls == [] and attn.proj_qkv.weight.grad is not None
 
 
-@needs_cpu_kernel
 def test_window_attention_trains_qkv_projection_alone(extension_calls):
     """With everything frozen but the qkv projection, and an input that needs no gradient, the projection still
     gets its gradient (the kernel, which has no backward, must not run)."""

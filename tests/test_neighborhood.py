@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from dat_smt.ops._extension import load_extension
 from dat_smt.ops.neighborhood import neighborhood_attention_2d, neighborhood_attention_2d_reference
-
-needs_cpu_kernel = pytest.mark.skipif(not load_extension()["cpu"], reason="the C++ extension could not be built")
 
 
 @pytest.mark.parametrize(
@@ -58,7 +55,6 @@ def test_too_small_map_is_rejected():
         neighborhood_attention_2d(q, q, q, torch.zeros(1, 13, 13), 7)
 
 
-@needs_cpu_kernel
 @pytest.mark.parametrize(
     ("height", "width", "kernel_size", "head_dim"),
     [(7, 7, 7, 32), (9, 13, 7, 32), (14, 14, 7, 32), (11, 6, 5, 64), (5, 8, 3, 12), (23, 17, 7, 40)],
@@ -78,7 +74,6 @@ def test_cpu_kernel_matches_reference(extension_calls, height, width, kernel_siz
     assert out.permute(0, 2, 3, 1, 4).is_contiguous()
 
 
-@needs_cpu_kernel
 def test_cpu_kernel_is_not_used_with_autograd(extension_calls):
     q, k, v = (torch.randn(1, 2, 9, 9, 8, requires_grad=True) for _ in range(3))
     out = neighborhood_attention_2d(q, k, v, torch.zeros(2, 13, 13), 7)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import dat_smt
+from dat_smt.ops._extension import CPU_SOURCES, CUDA_SOURCES
 
 
 def test_adapters_import_as_subpackage():
@@ -32,7 +33,7 @@ def test_built_wheel_ships_adapters_and_op_sources(tmp_path):
     assert "dat_smt/adapters/__init__.py" in names
     assert not any(name.startswith("adapters/") for name in names)
     assert any(name.startswith("dat_smt/ops/csrc/") and name.endswith(".h") for name in names)
-    assert {"dat_smt/ops/csrc/neighborhood_attention_cpu.cpp", "dat_smt/ops/csrc/window_attention_cpu.cpp"} <= names
+    assert {f"dat_smt/ops/csrc/{source}" for source in CPU_SOURCES + CUDA_SOURCES} <= names
 
     target = tmp_path / "site"
     subprocess.run(

@@ -1,9 +1,11 @@
-"""Custom operators: multi-scale deformable attention sampling and neighborhood attention."""
+"""Custom operators: multi-scale deformable attention sampling, neighborhood attention and depthwise convolution."""
+from .depthwise import depthwise_conv2d
 from .modules import MSDeformAttn
 from .msda import ms_deform_attn_reference, multi_scale_deformable_attention
 from .neighborhood import neighborhood_attention_2d, neighborhood_attention_2d_reference
 
 __all__ = [
+    "depthwise_conv2d",
     "MSDeformAttn",
     "ms_deform_attn_reference",
     "multi_scale_deformable_attention",

@@ -1,11 +1,12 @@
 """Just-in-time build of the C++/CUDA extension (``dat_smt/ops/csrc``): the multi-scale deformable attention (MSDA)
-kernels for CPU and CUDA, and the CPU inference kernels of DAT's window attention and of neighborhood attention.
+kernels for CPU and CUDA, and the CPU inference kernels of DAT's window attention, of neighborhood attention and of
+the depthwise convs with fused GELU.
 
 The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
 into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later
 processes find the cached library. The library name carries a digest of the sources, so installs of different
 versions (or several checkouts) sharing one extensions directory never rebuild each other's. The first CPU build
-takes about 20 s on an idle 2-core machine; a cached load costs a fraction of a second (torch re-checks the sources
+takes about a minute on an idle 2-core machine; a cached load costs a fraction of a second (torch re-checks the sources
 with ninja). Processes that build at the same time (DDP ranks) serialise on torch's lock (an OS advisory lock on
 ``<build dir>/lock``): one compiles, the others wait and then load the result. The CUDA kernels are compiled only
 when CUDA is usable at runtime; otherwise the build is CPU-only, and a failed CUDA build falls back to a CPU-only
@@ -25,6 +26,9 @@ __all__ = ["DISABLE_ENV", "extension_status", "load_extension"]
 
 DISABLE_ENV = "DAT_SMT_DISABLE_EXTENSION"
 CSRC_DIR = Path(__file__).resolve().with_name("csrc")
+CPU_SOURCES = ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp", "neighborhood_attention_cpu.cpp",
+               "window_attention_cpu.cpp", "depthwise_conv_cpu.cpp")
+CUDA_SOURCES = ("ms_deform_attn_cuda.cu",)
 
 _lock = threading.Lock()
 _status: dict = {}
@@ -67,10 +71,7 @@ def _source_digest() -> str:
 
 def _compile(cpp_extension, with_cuda: bool) -> str | None:
     """Builds (or finds in the cache) and loads one flavour of the extension; returns an error or None."""
-    sources = [CSRC_DIR / name for name in ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp",
-                                            "neighborhood_attention_cpu.cpp", "window_attention_cpu.cpp")]
-    if with_cuda:
-        sources.append(CSRC_DIR / "ms_deform_attn_cuda.cu")
+    sources = [CSRC_DIR / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     try:
         cpp_extension.load(
             name=f"dat_smt_msda_{'cuda' if with_cuda else 'cpu'}_{_source_digest()}",

@@ -1,7 +1,8 @@
 // Schemas of the extension operators; the CPU and CUDA files register their kernels for them. The public,
 // autograd-aware operator dat_smt::ms_deform_attn is defined in Python on top of the first two;
-// neighborhood_attention_forward and window_attention_forward (CPU only) are the inference paths of
-// dat_smt.ops.neighborhood_attention_2d and of DAT's window attention.
+// neighborhood_attention_forward, window_attention_forward and depthwise_conv2d_forward (CPU only) are the
+// inference paths of dat_smt.ops.neighborhood_attention_2d, of DAT's window attention and of
+// dat_smt.ops.depthwise_conv2d.
 #include <torch/library.h>
 
 TORCH_LIBRARY(dat_smt_ext, m) {
@@ -16,4 +17,5 @@ TORCH_LIBRARY(dat_smt_ext, m) {
       "-> Tensor");
   m.def("window_attention_forward(Tensor qkv, Tensor bias, int window_size, int shift, int heads, float scale) "
         "-> Tensor");
+  m.def("depthwise_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
 }

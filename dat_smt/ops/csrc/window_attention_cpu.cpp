@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "cpu_channel_row.h"
+#include "cpu_vec8.h"
 
 namespace dat_smt {
 namespace {
 
-constexpr int64_t kLanes = 8;
 constexpr int64_t kCacheLine = 64;
 constexpr float kShiftMaskValue = -100.0f;
 
@@ -65,73 +65,6 @@ DAT_SMT_CPU_INLINE TokenPosition token_position(int64_t window, int64_t t, const
 #else
 #define DAT_SMT_PREFETCH(address)
 #endif
-
-// Eight float lanes: a GCC vector (AVX2 or SSE2 depending on the clone), or lane loops elsewhere.
-#if defined(__GNUC__) && !defined(__clang__)
-typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-typedef float unaligned_vec8 __attribute__((vector_size(32), aligned(4), may_alias));
-
-DAT_SMT_CPU_INLINE vec8 load8(const float* x) { return *reinterpret_cast<const unaligned_vec8*>(x); }
-DAT_SMT_CPU_INLINE void store8(float* y, vec8 v) { *reinterpret_cast<unaligned_vec8*>(y) = v; }
-// (a shuffle of lane 0, which GCC turns into one broadcast; an initializer list of eight copies it does not)
-DAT_SMT_CPU_INLINE vec8 splat8(float a) { return __builtin_shuffle(vec8{a}, ivec8{}); }
-DAT_SMT_CPU_INLINE vec8 max8(vec8 a, vec8 b) { return a > b ? a : b; }
-
-// exp for arguments <= 0 (logits minus their row maximum), within 2 ulp; below -87.3 (and at -inf) it is 0.
-DAT_SMT_CPU_INLINE vec8 exp_nonpositive(vec8 x) {
-  const vec8 lowest = splat8(-87.3f);
-  const vec8 clamped = x < lowest ? lowest : x;
-  // n = round(x / ln 2) through the float mantissa (exact for |n| < 2^22), r = x - n ln 2 in two parts
-  const vec8 magic = splat8(12582912.0f);
-  const vec8 n = (clamped * splat8(1.44269504088896341f) + magic) - magic;
-  const vec8 r = (clamped - n * splat8(0.693359375f)) + n * splat8(2.12194440e-4f);
-  vec8 p = splat8(1.9875691500e-4f);
-  p = p * r + splat8(1.3981999507e-3f);
-  p = p * r + splat8(8.3334519073e-3f);
-  p = p * r + splat8(4.1665795894e-2f);
-  p = p * r + splat8(1.6666665459e-1f);
-  p = p * r + splat8(5.0000001201e-1f);
-  p = p * (r * r) + r + splat8(1.0f);
-  const ivec8 exponent = (__builtin_convertvector(n, ivec8) + 127) << 23;
-  vec8 two_to_n;
-  std::memcpy(&two_to_n, &exponent, sizeof(two_to_n));
-  return x < lowest ? vec8{} : p * two_to_n;
-}
-#else
-struct vec8 {
-  float lane[kLanes];
-  float operator[](int i) const { return lane[i]; }
-};
-#define DAT_SMT_LANEWISE(expression) \
-  vec8 out;                             \
-  for (int i = 0; i < kLanes; ++i) {    \
-    out.lane[i] = expression;           \
-  }                                     \
-  return out;
-inline vec8 operator+(vec8 a, vec8 b) { DAT_SMT_LANEWISE(a.lane[i] + b.lane[i]) }
-inline vec8 operator-(vec8 a, vec8 b) { DAT_SMT_LANEWISE(a.lane[i] - b.lane[i]) }
-inline vec8 operator*(vec8 a, vec8 b) { DAT_SMT_LANEWISE(a.lane[i] * b.lane[i]) }
-inline vec8& operator+=(vec8& a, vec8 b) { return a = a + b; }
-inline vec8 load8(const float* x) { DAT_SMT_LANEWISE(x[i]) }
-inline void store8(float* y, vec8 v) { std::copy(v.lane, v.lane + kLanes, y); }
-inline vec8 splat8(float a) { DAT_SMT_LANEWISE(a) }
-inline vec8 max8(vec8 a, vec8 b) { DAT_SMT_LANEWISE(std::max(a.lane[i], b.lane[i])) }
-inline vec8 exp_nonpositive(vec8 x) { DAT_SMT_LANEWISE(x.lane[i] < -87.3f ? 0.0f : std::exp(x.lane[i])) }
-#undef DAT_SMT_LANEWISE
-#endif
-
-DAT_SMT_CPU_INLINE float horizontal_max(vec8 v) {
-  float m = v[0];
-  for (int lane = 1; lane < kLanes; ++lane) {
-    m = std::max(m, v[lane]);
-  }
-  return m;
-}
-
-DAT_SMT_CPU_INLINE float horizontal_sum(vec8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // logits[r][:] = sum_d q[r][d] * keys_t[d][:] for kRows query rows, over all padded key columns.
 template <int kRows>

@@ -1,0 +1,187 @@
+// CPU inference kernel of a 'same'-padded depthwise conv (odd square kernel, stride 1) on channels-last maps,
+// optionally followed by exact GELU: DAT++'s and SMT's MLP convs and DAT++'s local perception units (see
+// dat_smt/ops/depthwise.py, whose PyTorch formulation serves autograd and other layouts and devices).
+//
+// One pass over the map: each output row is computed from the k input rows around it, the bias and the activation
+// applied while the row is in registers, where a conv and then an activation would each sweep the (often 4x
+// expanded) map through memory. Vectors run along the channels, which are contiguous. Rows above and below the map
+// read a row of zeros, columns past its sides are skipped. Parallel over output rows; results do not depend on the
+// thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_channel_row.h"
+#include "cpu_vec8.h"
+
+namespace dat_smt {
+namespace {
+
+// Channel vectors per group: their accumulators are independent FMA chains.
+constexpr int kGroupVectors = 4;
+constexpr int64_t kGroupChannels = kGroupVectors * kLanes;
+
+struct ConvSizes {
+  int64_t batch, height, width, channels, kernel;
+  bool gelu;
+};
+
+// Width of the channel group that starts at channel c: whole groups, then single vectors, then single channels.
+DAT_SMT_CPU_INLINE int64_t group_width(int64_t c, int64_t channels) {
+  return c + kGroupChannels <= channels ? kGroupChannels : (c + kLanes <= channels ? kLanes : 1);
+}
+
+// Output pixel x of one row, channels [c, c + 8 * kVectors). `rows[ky]` is input row y + ky - kernel / 2, or a row
+// of zeros outside the map; `taps` are the group's (k * k, 8 * kVectors) taps. kChecked skips the taps past the left
+// or right edge. kKernel > 0 fixes the kernel size at compile time (3, the size of these networks), so the tap
+// loops unroll.
+template <int kKernel, int kVectors, bool kChecked>
+DAT_SMT_CPU_INLINE void convolve_pixel(const float* const* rows, const float* taps, const float* bias, float* out,
+                                       int64_t x, int64_t c, const ConvSizes& sz) {
+  const int64_t k = kKernel > 0 ? kKernel : sz.kernel, radius = k / 2, channels = sz.channels;
+  const int64_t kx_begin = kChecked ? std::max<int64_t>(0, radius - x) : 0;
+  const int64_t kx_end = kChecked ? std::min<int64_t>(k, sz.width + radius - x) : k;
+  vec8 acc[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    acc[v] = load8(bias + c + v * kLanes);
+  }
+  for (int64_t ky = 0; ky < k; ++ky) {
+    for (int64_t kx = kx_begin; kx < kx_end; ++kx) {
+      const float* tap = taps + (ky * k + kx) * kVectors * kLanes;
+      const float* input = rows[ky] + (x - radius + kx) * channels + c;
+      for (int v = 0; v < kVectors; ++v) {
+        acc[v] += load8(tap + v * kLanes) * load8(input + v * kLanes);
+      }
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    store8(out + x * channels + c + v * kLanes, sz.gelu ? gelu8(acc[v]) : acc[v]);
+  }
+}
+
+DAT_SMT_CPU_INLINE void convolve_pixel_scalar(const float* const* rows, const float* taps, const float* bias,
+                                              float* out, int64_t x, int64_t c, const ConvSizes& sz) {
+  const int64_t k = sz.kernel, radius = k / 2, channels = sz.channels;
+  const int64_t kx_begin = std::max<int64_t>(0, radius - x), kx_end = std::min<int64_t>(k, sz.width + radius - x);
+  float acc = bias[c];
+  for (int64_t ky = 0; ky < k; ++ky) {
+    for (int64_t kx = kx_begin; kx < kx_end; ++kx) {
+      acc += taps[ky * k + kx] * rows[ky][(x - radius + kx) * channels + c];
+    }
+  }
+  out[x * channels + c] = sz.gelu ? gelu_scalar(acc) : acc;
+}
+
+// Pixels outer, channels inner: consecutive loads walk along the channels of a few rows, where channels outer would
+// step through the rows a whole pixel (a multiple of 4 KB for the wide maps) at a time, all in one L1 cache set.
+template <int kKernel, bool kChecked>
+DAT_SMT_CPU_INLINE void convolve_pixel_channels(const float* const* rows, const float* taps, const float* bias,
+                                                float* out, int64_t x, const ConvSizes& sz) {
+  const int64_t taps_per_channel = sz.kernel * sz.kernel;
+  int64_t c = 0;
+  for (; c + kGroupChannels <= sz.channels; c += kGroupChannels) {
+    convolve_pixel<kKernel, kGroupVectors, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+  }
+  for (; c + kLanes <= sz.channels; c += kLanes) {
+    convolve_pixel<kKernel, 1, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+  }
+  for (; c < sz.channels; ++c) {
+    convolve_pixel_scalar(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+  }
+}
+
+template <int kKernel>
+DAT_SMT_CPU_INLINE void convolve_row(const float* const* rows, const float* taps, const float* bias, float* out,
+                                     const ConvSizes& sz) {
+  const int64_t radius = sz.kernel / 2, edge = std::min(radius, sz.width);
+  const int64_t interior_end = std::max(edge, sz.width - radius);
+  for (int64_t x = 0; x < edge; ++x) {
+    convolve_pixel_channels<kKernel, true>(rows, taps, bias, out, x, sz);
+  }
+  for (int64_t x = edge; x < interior_end; ++x) {
+    convolve_pixel_channels<kKernel, false>(rows, taps, bias, out, x, sz);
+  }
+  for (int64_t x = interior_end; x < sz.width; ++x) {
+    convolve_pixel_channels<kKernel, true>(rows, taps, bias, out, x, sz);
+  }
+}
+
+DAT_SMT_CPU_MULTIVERSION void convolve_rows(const float* input, const float* taps, const float* bias, float* out,
+                                            const ConvSizes& sz, int64_t begin, int64_t end) {
+  const int64_t k = sz.kernel, radius = k / 2, row_size = sz.width * sz.channels;
+  const std::vector<float> zeros(row_size, 0.0f);
+  std::vector<const float*> rows(k);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / sz.height, y = row % sz.height;
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const int64_t source = y + ky - radius;
+      rows[ky] = source >= 0 && source < sz.height ? input + (b * sz.height + source) * row_size : zeros.data();
+    }
+    if (k == 3) {
+      convolve_row<3>(rows.data(), taps, bias, out + row * row_size, sz);
+    } else {
+      convolve_row<0>(rows.data(), taps, bias, out + row * row_size, sz);
+    }
+  }
+}
+
+// The (C, 1, k, k) weight with each channel group's taps together, (k * k, group width) from channel c * k * k on:
+// a group then reads one small block instead of k * k rows of a (k * k, C) table, which for the wide maps lie a
+// multiple of 4 KB apart, all in one L1 cache set.
+at::Tensor pack_taps(const at::Tensor& weight) {
+  const int64_t channels = weight.size(0), taps_per_channel = weight.size(2) * weight.size(3);
+  const at::Tensor table = weight.reshape({channels, taps_per_channel}).contiguous();
+  at::Tensor packed = at::empty({channels * taps_per_channel}, weight.options());
+  const float* source = table.data_ptr<float>();
+  float* target = packed.data_ptr<float>();
+  for (int64_t c = 0; c < channels;) {
+    const int64_t width = group_width(c, channels);
+    for (int64_t tap = 0; tap < taps_per_channel; ++tap) {
+      for (int64_t lane = 0; lane < width; ++lane) {
+        target[c * taps_per_channel + tap * width + lane] = source[(c + lane) * taps_per_channel + tap];
+      }
+    }
+    c += width;
+  }
+  return packed;
+}
+
+at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias, bool gelu) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be a channels-last (B, C, H, W) map, got sizes ", x.sizes(), " and strides ", x.strides());
+  const int64_t channels = x.size(1), kernel = weight.size(-1);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({channels, 1, kernel, kernel}) && kernel % 2 == 1,
+              "weight must be (", channels, ", 1, k, k) with k odd, got ", weight.sizes());
+  TORCH_CHECK(!bias.has_value() || bias->sizes() == at::IntArrayRef({channels}), "bias must be (", channels,
+              "), got ", bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  for (const at::Tensor* t : {&x, &weight, bias.has_value() ? &*bias : &weight}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "expected float32 CPU tensors, got ",
+                t->scalar_type(), " on ", t->device());
+  }
+  const at::Tensor taps = pack_taps(weight);
+  const at::Tensor bias_values =
+      bias.has_value() ? bias->contiguous() : at::zeros({channels}, weight.options());
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const ConvSizes sz{x.size(0), x.size(2), x.size(3), channels, kernel, gelu};
+  const float* input = x.data_ptr<float>();
+  const float* taps_data = taps.data_ptr<float>();
+  const float* bias_data = bias_values.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, sz.batch * sz.height, 1, [&](int64_t begin, int64_t end) {
+    convolve_rows(input, taps_data, bias_data, out_data, sz, begin, end);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dat_smt_ext, CPU, m) {
+  m.impl("depthwise_conv2d_forward", &depthwise_conv2d_forward_cpu);
+}
+
+}  // namespace dat_smt
