@@ -32,16 +32,16 @@ def test_cpu_kernel_matches_conv_and_gelu(extension_calls, channels, height, wid
     torch.testing.assert_close(out.double(), _expected(x, weight, bias, gelu), atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_kernel_gelu_matches_torch_over_its_range(extension_calls):
-    """A 1x1 identity conv isolates the activation: the vectorised erf GELU against PyTorch's, from the saturated
-    negative tail (exp underflow) through zero to large positive inputs, and NaN stays NaN."""
+def test_cpu_kernel_gelu_matches_exact_gelu_over_its_range(extension_calls):
+    """A 1x1 identity conv isolates the activation: the vectorised erf GELU against the exact GELU in float64, from
+    the saturated negative tail (exp underflow) through zero to large positive inputs, and NaN stays NaN. (Not
+    against PyTorch's float32 GELU, whose error depends on the ISA it dispatches to: up to 1e-6 with AVX-512.)"""
     values = torch.cat([torch.linspace(-12, 12, 8191), torch.tensor([-100.0, -1e30, 100.0, 1e30, 0.0, -0.0])])
     x = values.reshape(1, -1, 1, 1).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = depthwise_conv2d(x, torch.ones(x.shape[1], 1, 1, 1), None, gelu=True).flatten()
         nan = depthwise_conv2d(torch.full((1, 8, 1, 1), float("nan")), torch.ones(8, 1, 1, 1), gelu=True)
     assert len(extension_calls) == 2
-    torch.testing.assert_close(out, F.gelu(values), atol=2e-7, rtol=2e-6)
     torch.testing.assert_close(out.double(), F.gelu(values.double()), atol=5e-7, rtol=4e-6, check_dtype=False)
     assert nan.isnan().all()
 
