@@ -11,11 +11,11 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <limits>
 #include <vector>
 
 #include "cpu_channel_row.h"
+#include "cpu_vec8.h"
 
 namespace dat_smt {
 namespace {
@@ -34,7 +34,9 @@ DAT_SMT_CPU_INLINE void attend_rows(const float* q, const float* k, const float*
   const int64_t span = 2 * kernel - 1;
   ChannelRow<float, kChannels> query(sz.channels);
   ChannelRow<float, kChannels> accumulator(sz.channels);
-  std::vector<float> logits(kernel * kernel);
+  // whole vectors of logits for the softmax, the padding reset to -inf (which exponentiates to 0) for each item
+  const int64_t logit_vectors = (kernel * kernel + kLanes - 1) / kLanes;
+  std::vector<float> logits(logit_vectors * kLanes);
   const auto& qs = sz.q_strides;
   const auto& ks = sz.k_strides;
   const auto& vs = sz.v_strides;
@@ -50,20 +52,24 @@ DAT_SMT_CPU_INLINE void attend_rows(const float* q, const float* k, const float*
         const float* keys = k + b * ks[0] + h * ks[1] + top * ks[2] + left * ks[3];
         const float* values = v + b * vs[0] + h * vs[1] + top * vs[2] + left * vs[3];
         query.load(q + b * qs[0] + h * qs[1] + i * qs[2] + j * qs[3]);
-        float max_logit = -std::numeric_limits<float>::infinity();
         for (int64_t dy = 0; dy < kernel; ++dy) {
           for (int64_t dx = 0; dx < kernel; ++dx) {
-            const float logit = query.dot(keys + dy * ks[2] + dx * ks[3]) * sz.scale + bias[dy * span + dx];
-            logits[dy * kernel + dx] = logit;
-            max_logit = std::max(max_logit, logit);
+            logits[dy * kernel + dx] = query.dot(keys + dy * ks[2] + dx * ks[3]) * sz.scale + bias[dy * span + dx];
           }
         }
-        float total = 0.0f;
-        for (float& logit : logits) {
-          logit = std::exp(logit - max_logit);
-          total += logit;
+        std::fill(logits.begin() + kernel * kernel, logits.end(), -std::numeric_limits<float>::infinity());
+        vec8 maximum = load8(logits.data());
+        for (int64_t c = 1; c < logit_vectors; ++c) {
+          maximum = max8(maximum, load8(logits.data() + c * kLanes));
         }
-        const float inverse_total = 1.0f / total;
+        const vec8 max_logit = splat8(horizontal_max(maximum));
+        vec8 totals{};
+        for (int64_t c = 0; c < logit_vectors; ++c) {
+          const vec8 e = exp_nonpositive(load8(logits.data() + c * kLanes) - max_logit);
+          store8(logits.data() + c * kLanes, e);
+          totals += e;
+        }
+        const float inverse_total = 1.0f / horizontal_sum(totals);
         accumulator.zero();
         for (int64_t dy = 0; dy < kernel; ++dy) {
           for (int64_t dx = 0; dx < kernel; ++dx) {
