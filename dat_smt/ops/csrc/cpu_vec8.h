@@ -98,4 +98,17 @@ DAT_SMT_CPU_INLINE float horizontal_sum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// Softmax numerators of a row of logits, `vectors` whole vectors, in place: exp(logit - the row's maximum), where
+// lane_maxima are the lane-wise maxima of the row's vectors. Returns their sum. Padding lanes set to -inf become 0.
+DAT_SMT_CPU_INLINE float exponentiate_in_place(float* row, int64_t vectors, vec8 lane_maxima) {
+  const vec8 row_max = splat8(horizontal_max(lane_maxima));
+  vec8 total{};
+  for (int64_t c = 0; c < vectors; ++c) {
+    const vec8 e = exp_nonpositive(load8(row + c * kLanes) - row_max);
+    store8(row + c * kLanes, e);
+    total += e;
+  }
+  return horizontal_sum(total);
+}
+
 }  // namespace dat_smt

@@ -62,14 +62,7 @@ DAT_SMT_CPU_INLINE void attend_rows(const float* q, const float* k, const float*
         for (int64_t c = 1; c < logit_vectors; ++c) {
           maximum = max8(maximum, load8(logits.data() + c * kLanes));
         }
-        const vec8 max_logit = splat8(horizontal_max(maximum));
-        vec8 totals{};
-        for (int64_t c = 0; c < logit_vectors; ++c) {
-          const vec8 e = exp_nonpositive(load8(logits.data() + c * kLanes) - max_logit);
-          store8(logits.data() + c * kLanes, e);
-          totals += e;
-        }
-        const float inverse_total = 1.0f / horizontal_sum(totals);
+        const float inverse_total = 1.0f / exponentiate_in_place(logits.data(), logit_vectors, maximum);
         accumulator.zero();
         for (int64_t dy = 0; dy < kernel; ++dy) {
           for (int64_t dx = 0; dx < kernel; ++dx) {

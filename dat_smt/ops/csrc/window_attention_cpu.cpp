@@ -148,14 +148,7 @@ DAT_SMT_CPU_INLINE float exponentiate_row(float* row, const float* bias, const f
     store8(row + c * kLanes, logit);
     maximum = max8(maximum, logit);
   }
-  const vec8 row_max = splat8(horizontal_max(maximum));
-  vec8 total{};
-  for (int64_t c = 0; c < vectors; ++c) {
-    const vec8 e = exp_nonpositive(load8(row + c * kLanes) - row_max);
-    store8(row + c * kLanes, e);
-    total += e;
-  }
-  return horizontal_sum(total);
+  return exponentiate_in_place(row, vectors, maximum);
 }
 
 // Prefetch the qkv rows of tokens [begin, end).
