@@ -24,8 +24,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Eager float32 CPU inference on channels-last maps (which DAT++'s and SMT's maps are) runs the C++ kernel of the
     project's extension: conv, bias and GELU in one pass over the map. ``benchmarks/depthwise.py`` compares it with
-    PyTorch's conv and GELU in sequence: 1.3-1.8x faster on an AVX2 CPU; on an AVX-512 CPU, whose wider vectors
-    PyTorch's kernels use, 1.16-1.28x on the 56x56 and 28x28 MLP maps and 0.89-0.98x on the 14x14 and 7x7 ones.
+    PyTorch's conv and GELU in sequence; on an AVX-512 CPU: 1.28-1.47x on the 56x56 and 28x28 MLP maps, 0.89-1.03x on
+    the 14x14 and 7x7 ones, 1.18-1.48x without GELU.
     Autograd, other layouts, dtypes and devices, graphs being traced, compiled or exported, and builds without the
     extension run ``F.conv2d`` and ``F.gelu``; the two agree to float32 rounding.
     """

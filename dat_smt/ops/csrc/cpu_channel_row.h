@@ -10,10 +10,10 @@
 #define __restrict__ __restrict
 #endif
 
-// Hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load time, so the cached
+// Hot loops are compiled for AVX-512, for AVX2+FMA and for the baseline ISA, and picked at load time, so the cached
 // library stays portable across machines that share a home directory.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DAT_SMT_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DAT_SMT_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DAT_SMT_CPU_MULTIVERSION
 #endif

@@ -2,11 +2,11 @@
 // optionally followed by exact GELU: DAT++'s and SMT's MLP convs and DAT++'s local perception units (see
 // dat_smt/ops/depthwise.py, whose PyTorch formulation serves autograd and other layouts and devices).
 //
-// One pass over the map: each output row is computed from the k input rows around it, the bias and the activation
-// applied while the row is in registers, where a conv and then an activation would each sweep the (often 4x
-// expanded) map through memory. Vectors run along the channels, which are contiguous. Rows above and below the map
-// read a row of zeros, columns past its sides are skipped. Parallel over output rows; results do not depend on the
-// thread count.
+// One pass over the map: each output row is computed from the k input rows around it, with the bias, and the
+// activation applied while the row is in cache, where a conv and then an activation would each sweep the (often 4x
+// expanded) map through memory. Vectors run along the channels, which are contiguous: 16 lanes, one AVX-512
+// register (two AVX2 ones). Rows above and below the map read a row of zeros, columns past its sides are skipped.
+// Parallel over output rows; results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,14 +16,15 @@
 #include <vector>
 
 #include "cpu_channel_row.h"
-#include "cpu_vec8.h"
+#include "cpu_vectors.h"
 
 namespace dat_smt {
 namespace {
 
-// Channel vectors per group: their accumulators are independent FMA chains.
-constexpr int kGroupVectors = 4;
-constexpr int64_t kGroupChannels = kGroupVectors * kLanes;
+// A group of channels is two 16-lane vectors (one AVX-512 register each, two AVX2 ones): their accumulators are
+// independent FMA chains.
+constexpr int kGroupVectors = 2;
+constexpr int64_t kGroupChannels = kGroupVectors * 16;
 
 struct ConvSizes {
   int64_t batch, height, width, channels, kernel;
@@ -35,31 +36,32 @@ DAT_SMT_CPU_INLINE int64_t group_width(int64_t c, int64_t channels) {
   return c + kGroupChannels <= channels ? kGroupChannels : (c + kLanes <= channels ? kLanes : 1);
 }
 
-// Output pixel x of one row, channels [c, c + 8 * kVectors). `rows[ky]` is input row y + ky - kernel / 2, or a row
-// of zeros outside the map; `taps` are the group's (k * k, 8 * kVectors) taps. kChecked skips the taps past the left
-// or right edge. kKernel > 0 fixes the kernel size at compile time (3, the size of these networks), so the tap
-// loops unroll.
-template <int kKernel, int kVectors, bool kChecked>
+// Output pixel x of one row, kVectors vectors V of channels from c on. `rows[ky]` is input row y + ky - kernel / 2, or
+// a row of zeros outside the map; `taps` are the group's (k * k, kVectors * lanes) taps. kChecked skips the taps past
+// the left or right edge. kKernel > 0 fixes the kernel size at compile time (3, the size of these networks), so the
+// tap loops unroll.
+template <typename V, int kKernel, int kVectors, bool kChecked>
 DAT_SMT_CPU_INLINE void convolve_pixel(const float* const* rows, const float* taps, const float* bias, float* out,
                                        int64_t x, int64_t c, const ConvSizes& sz) {
   const int64_t k = kKernel > 0 ? kKernel : sz.kernel, radius = k / 2, channels = sz.channels;
   const int64_t kx_begin = kChecked ? std::max<int64_t>(0, radius - x) : 0;
   const int64_t kx_end = kChecked ? std::min<int64_t>(k, sz.width + radius - x) : k;
-  vec8 acc[kVectors];
+  constexpr int64_t lanes = sizeof(V) / sizeof(float);
+  V acc[kVectors];
   for (int v = 0; v < kVectors; ++v) {
-    acc[v] = load8(bias + c + v * kLanes);
+    acc[v] = load<V>(bias + c + v * lanes);
   }
   for (int64_t ky = 0; ky < k; ++ky) {
     for (int64_t kx = kx_begin; kx < kx_end; ++kx) {
-      const float* tap = taps + (ky * k + kx) * kVectors * kLanes;
+      const float* tap = taps + (ky * k + kx) * kVectors * lanes;
       const float* input = rows[ky] + (x - radius + kx) * channels + c;
       for (int v = 0; v < kVectors; ++v) {
-        acc[v] += load8(tap + v * kLanes) * load8(input + v * kLanes);
+        acc[v] += load<V>(tap + v * lanes) * load<V>(input + v * lanes);
       }
     }
   }
   for (int v = 0; v < kVectors; ++v) {
-    store8(out + x * channels + c + v * kLanes, sz.gelu ? gelu8(acc[v]) : acc[v]);
+    store(out + x * channels + c + v * lanes, acc[v]);
   }
 }
 
@@ -73,7 +75,7 @@ DAT_SMT_CPU_INLINE void convolve_pixel_scalar(const float* const* rows, const fl
       acc += taps[ky * k + kx] * rows[ky][(x - radius + kx) * channels + c];
     }
   }
-  out[x * channels + c] = sz.gelu ? gelu_scalar(acc) : acc;
+  out[x * channels + c] = acc;
 }
 
 // Pixels outer, channels inner: consecutive loads walk along the channels of a few rows, where channels outer would
@@ -84,10 +86,10 @@ DAT_SMT_CPU_INLINE void convolve_pixel_channels(const float* const* rows, const 
   const int64_t taps_per_channel = sz.kernel * sz.kernel;
   int64_t c = 0;
   for (; c + kGroupChannels <= sz.channels; c += kGroupChannels) {
-    convolve_pixel<kKernel, kGroupVectors, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+    convolve_pixel<vec16, kKernel, kGroupVectors, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
   }
   for (; c + kLanes <= sz.channels; c += kLanes) {
-    convolve_pixel<kKernel, 1, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+    convolve_pixel<vec8, kKernel, 1, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
   }
   for (; c < sz.channels; ++c) {
     convolve_pixel_scalar(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
@@ -121,10 +123,14 @@ DAT_SMT_CPU_MULTIVERSION void convolve_rows(const float* input, const float* tap
       const int64_t source = y + ky - radius;
       rows[ky] = source >= 0 && source < sz.height ? input + (b * sz.height + source) * row_size : zeros.data();
     }
+    float* out_row = out + row * row_size;
     if (k == 3) {
-      convolve_row<3>(rows.data(), taps, bias, out + row * row_size, sz);
+      convolve_row<3>(rows.data(), taps, bias, out_row, sz);
     } else {
-      convolve_row<0>(rows.data(), taps, bias, out + row * row_size, sz);
+      convolve_row<0>(rows.data(), taps, bias, out_row, sz);
+    }
+    if (sz.gelu) {
+      gelu_in_place(out_row, row_size);
     }
   }
 }

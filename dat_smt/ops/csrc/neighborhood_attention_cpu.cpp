@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "cpu_channel_row.h"
-#include "cpu_vec8.h"
+#include "cpu_vectors.h"
 
 namespace dat_smt {
 namespace {
@@ -58,9 +58,9 @@ DAT_SMT_CPU_INLINE void attend_rows(const float* q, const float* k, const float*
           }
         }
         std::fill(logits.begin() + kernel * kernel, logits.end(), -std::numeric_limits<float>::infinity());
-        vec8 maximum = load8(logits.data());
+        vec8 maximum = load<vec8>(logits.data());
         for (int64_t c = 1; c < logit_vectors; ++c) {
-          maximum = max8(maximum, load8(logits.data() + c * kLanes));
+          maximum = max8(maximum, load<vec8>(logits.data() + c * kLanes));
         }
         const float inverse_total = 1.0f / exponentiate_in_place(logits.data(), logit_vectors, maximum);
         accumulator.zero();

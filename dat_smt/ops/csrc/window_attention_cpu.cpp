@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "cpu_channel_row.h"
-#include "cpu_vec8.h"
+#include "cpu_vectors.h"
 
 namespace dat_smt {
 namespace {
@@ -76,18 +76,18 @@ DAT_SMT_CPU_INLINE void query_key_rows(const float* const* q, const float* keys_
     vec8 acc[kRows][2] = {};
     for (int64_t d = 0; d < sz.head_dim; ++d) {
       const float* key_row = keys_t + d * sz.padded_tokens + c * kLanes;
-      const vec8 k0 = load8(key_row);
-      const vec8 k1 = pair ? load8(key_row + kLanes) : splat8(0.0f);
+      const vec8 k0 = load<vec8>(key_row);
+      const vec8 k1 = pair ? load<vec8>(key_row + kLanes) : splat<vec8>(0.0f);
       for (int r = 0; r < kRows; ++r) {
-        const vec8 qd = splat8(q[r][d]);
+        const vec8 qd = splat<vec8>(q[r][d]);
         acc[r][0] += qd * k0;
         acc[r][1] += qd * k1;
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      store8(logits + r * sz.padded_tokens + c * kLanes, acc[r][0]);
+      store(logits + r * sz.padded_tokens + c * kLanes, acc[r][0]);
       if (pair) {
-        store8(logits + r * sz.padded_tokens + (c + 1) * kLanes, acc[r][1]);
+        store(logits + r * sz.padded_tokens + (c + 1) * kLanes, acc[r][1]);
       }
     }
   }
@@ -101,15 +101,15 @@ DAT_SMT_CPU_INLINE void weight_value_rows(const float* weights, const float* con
   for (int64_t n = 0; n < sz.tokens; ++n) {
     const float* value = v[n] + channel;
     for (int c = 0; c < kVectors; ++c) {
-      const vec8 vn = load8(value + c * kLanes);
+      const vec8 vn = load<vec8>(value + c * kLanes);
       for (int r = 0; r < kRows; ++r) {
-        acc[r][c] += splat8(weights[r * sz.padded_tokens + n]) * vn;
+        acc[r][c] += splat<vec8>(weights[r * sz.padded_tokens + n]) * vn;
       }
     }
   }
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kVectors; ++c) {
-      store8(out[r] + channel + c * kLanes, acc[r][c] * splat8(inverse_total[r]));
+      store(out[r] + channel + c * kLanes, acc[r][c] * splat<vec8>(inverse_total[r]));
     }
   }
 }
@@ -138,14 +138,14 @@ DAT_SMT_CPU_INLINE void weight_value_block(const float* weights, const float* co
 // Softmax numerators of one row of logits (scaled, biased, masked) in place; returns their sum.
 DAT_SMT_CPU_INLINE float exponentiate_row(float* row, const float* bias, const float* mask_row, const WindowSizes& sz) {
   const int64_t vectors = sz.padded_tokens / kLanes;
-  const vec8 scale = splat8(sz.scale);
-  vec8 maximum = splat8(-std::numeric_limits<float>::infinity());
+  const vec8 scale = splat<vec8>(sz.scale);
+  vec8 maximum = splat<vec8>(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < vectors; ++c) {
-    vec8 logit = load8(row + c * kLanes) * scale + load8(bias + c * kLanes);
+    vec8 logit = load<vec8>(row + c * kLanes) * scale + load<vec8>(bias + c * kLanes);
     if (mask_row != nullptr) {
-      logit += load8(mask_row + c * kLanes);
+      logit += load<vec8>(mask_row + c * kLanes);
     }
-    store8(row + c * kLanes, logit);
+    store(row + c * kLanes, logit);
     maximum = max8(maximum, logit);
   }
   return exponentiate_in_place(row, vectors, maximum);
