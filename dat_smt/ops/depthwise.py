@@ -24,10 +24,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Eager float32 CPU inference on channels-last maps (which DAT++'s and SMT's maps are) runs the C++ kernel of the
     project's extension: conv, bias and GELU in one pass over the map. ``benchmarks/depthwise.py`` compares it with
-    PyTorch's conv and GELU in sequence; on an AVX-512 CPU: 1.28-1.47x on the 56x56 and 28x28 MLP maps, 0.89-1.03x on
-    the 14x14 and 7x7 ones, 1.18-1.48x without GELU.
-    Autograd, other layouts, dtypes and devices, graphs being traced, compiled or exported, and builds without the
-    extension run ``F.conv2d`` and ``F.gelu``; the two agree to float32 rounding.
+    PyTorch's conv and GELU in sequence; over five runs on a noisy AVX-512 CPU: 1.0-1.5x on the 56x56 and 28x28 MLP
+    maps, 0.8-1.0x on the 14x14 and 7x7 ones, 0.9-1.6x without GELU. Autograd, other layouts, dtypes and devices,
+    graphs being traced, compiled or exported, and builds without the extension run ``F.conv2d`` and ``F.gelu``; the
+    two agree to float32 rounding.
     """
     kernel_size = weight.shape[-1]
     if kernel_size % 2 == 0 or weight.shape != (x.shape[1], 1, kernel_size, kernel_size):

@@ -19,6 +19,10 @@ constexpr int64_t kLanes = 8;
 // Exact (erf) GELU of one value: the tail of gelu_in_place and the lane-loop fallback.
 DAT_SMT_CPU_INLINE float gelu_scalar(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
 
+// Float lanes of a vector type V.
+template <typename V>
+constexpr int64_t kLanesOf = sizeof(V) / sizeof(float);
+
 #if defined(__GNUC__) && !defined(__clang__)
 template <int kWidth>
 struct FloatVector {
@@ -29,15 +33,15 @@ struct FloatVector {
 typedef FloatVector<8>::type vec8;
 typedef FloatVector<16>::type vec16;
 template <typename V>
-using IntVector = typename FloatVector<sizeof(V) / sizeof(float)>::int_type;
+using IntVector = typename FloatVector<kLanesOf<V>>::int_type;
 
 template <typename V>
 DAT_SMT_CPU_INLINE V load(const float* x) {
-  return *reinterpret_cast<const typename FloatVector<sizeof(V) / sizeof(float)>::unaligned_type*>(x);
+  return *reinterpret_cast<const typename FloatVector<kLanesOf<V>>::unaligned_type*>(x);
 }
 template <typename V>
 DAT_SMT_CPU_INLINE void store(float* y, V v) {
-  *reinterpret_cast<typename FloatVector<sizeof(V) / sizeof(float)>::unaligned_type*>(y) = v;
+  *reinterpret_cast<typename FloatVector<kLanesOf<V>>::unaligned_type*>(y) = v;
 }
 // (a shuffle of lane 0, which GCC turns into one broadcast; an initializer list of copies it does not)
 template <typename V>
@@ -117,7 +121,7 @@ inline FloatLanes<kWidth> gelu(FloatLanes<kWidth> x) { DAT_SMT_LANEWISE(gelu_sca
 template <typename V>
 inline V load(const float* x) {
   V out;
-  std::copy(x, x + sizeof(V) / sizeof(float), out.lane);
+  std::copy(x, x + kLanesOf<V>, out.lane);
   return out;
 }
 template <typename V>
@@ -133,7 +137,7 @@ inline V splat(float a) {
 // GELU of n values in place, 16 lanes at a time (AVX-512 halves its cost against 8).
 DAT_SMT_CPU_INLINE void gelu_in_place(float* x, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + kLanesOf<vec16> <= n; i += kLanesOf<vec16>) {
     store(x + i, gelu(load<vec16>(x + i)));
   }
   for (; i + kLanes <= n; i += kLanes) {

@@ -24,7 +24,7 @@ namespace {
 // A group of channels is two 16-lane vectors (one AVX-512 register each, two AVX2 ones): their accumulators are
 // independent FMA chains.
 constexpr int kGroupVectors = 2;
-constexpr int64_t kGroupChannels = kGroupVectors * 16;
+constexpr int64_t kGroupChannels = kGroupVectors * kLanesOf<vec16>;
 
 struct ConvSizes {
   int64_t batch, height, width, channels, kernel;
@@ -46,7 +46,7 @@ DAT_SMT_CPU_INLINE void convolve_pixel(const float* const* rows, const float* ta
   const int64_t k = kKernel > 0 ? kKernel : sz.kernel, radius = k / 2, channels = sz.channels;
   const int64_t kx_begin = kChecked ? std::max<int64_t>(0, radius - x) : 0;
   const int64_t kx_end = kChecked ? std::min<int64_t>(k, sz.width + radius - x) : k;
-  constexpr int64_t lanes = sizeof(V) / sizeof(float);
+  constexpr int64_t lanes = kLanesOf<V>;
   V acc[kVectors];
   for (int v = 0; v < kVectors; ++v) {
     acc[v] = load<V>(bias + c + v * lanes);
@@ -84,15 +84,16 @@ template <int kKernel, bool kChecked>
 DAT_SMT_CPU_INLINE void convolve_pixel_channels(const float* const* rows, const float* taps, const float* bias,
                                                 float* out, int64_t x, const ConvSizes& sz) {
   const int64_t taps_per_channel = sz.kernel * sz.kernel;
-  int64_t c = 0;
-  for (; c + kGroupChannels <= sz.channels; c += kGroupChannels) {
-    convolve_pixel<vec16, kKernel, kGroupVectors, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
-  }
-  for (; c + kLanes <= sz.channels; c += kLanes) {
-    convolve_pixel<vec8, kKernel, 1, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
-  }
-  for (; c < sz.channels; ++c) {
-    convolve_pixel_scalar(rows, taps + c * taps_per_channel, bias, out, x, c, sz);
+  for (int64_t c = 0, width; c < sz.channels; c += width) {
+    width = group_width(c, sz.channels);
+    const float* group_taps = taps + c * taps_per_channel;
+    if (width == kGroupChannels) {
+      convolve_pixel<vec16, kKernel, kGroupVectors, kChecked>(rows, group_taps, bias, out, x, c, sz);
+    } else if (width == kLanes) {
+      convolve_pixel<vec8, kKernel, 1, kChecked>(rows, group_taps, bias, out, x, c, sz);
+    } else {
+      convolve_pixel_scalar(rows, group_taps, bias, out, x, c, sz);
+    }
   }
 }
 
