@@ -9,18 +9,15 @@ Prints a table, then (last) one JSON line with the times and the ratio torch / k
 
     python benchmarks/depthwise.py [--threads 2] [--repeats 20]
 """
-import argparse
 import json
-import statistics
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
+from _kernel_bench import median_times, parse_args
 
 from dat_smt._layers import gelu_
 from dat_smt.ops import depthwise_conv2d
-from dat_smt.ops._extension import load_extension
 
 # (batch, channels, size, gelu)
 CASES: List[Tuple[int, int, int, bool]] = [
@@ -34,27 +31,8 @@ def torch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: 
     return gelu_(out) if gelu else out
 
 
-def median_times(functions: Dict[str, Callable[..., torch.Tensor]], args: tuple, repeats: int) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for function in functions.values():
-        function(*args)
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function(*args)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    status = load_extension()
-    if not status["cpu"]:
-        raise SystemExit(f"the extension's CPU kernels are unavailable: {status['reason']}")
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, repeats=20)
     results = []
     print(f"{'map (B, C, H=W)':<20} {'gelu':<6} {'kernel ms':>10} {'torch ms':>9} {'torch/kernel':>13}")
     with torch.inference_mode():

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -34,6 +34,7 @@ from .hub import with_release_file
 from .ops._extension import extension_status
 from .ops.depthwise import ResidualDepthwiseConv2d
 from .ops.neighborhood import neighborhood_attention_2d
+from .ops.norm import LayerNorm2d
 
 __all__ = ["DAT", "checkpoint_filter_fn"]
 

@@ -22,10 +22,11 @@ from ._checkpoint import check_state_dict, timm_adapted_keys, unwrap_state_dict
 from ._layers import Linear, fold_batchnorm, gelu_, grad_free, in_batch_slices, linear
 from .hub import with_release_file
 from .ops.depthwise import ResidualDepthwiseConv2d
+from .ops.norm import LayerNorm
 
 __all__ = ["SMT", "checkpoint_filter_fn"]
 
-_BLOCK_NORM = partial(nn.LayerNorm, eps=1e-6)
+_BLOCK_NORM = partial(LayerNorm, eps=1e-6)
 _MIN_INPUT_SIZE = 4
 
 
@@ -217,7 +218,7 @@ class StemHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(dim, dim, 2, 2),
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         # channels-last convs run about twice as fast here, and their output is already the token layout
@@ -239,7 +240,7 @@ class OverlapPatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, 3, 2, 1)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         x = self.proj(x)

@@ -15,9 +15,10 @@ def _expected(x, weight, bias, gelu):
 
 @pytest.mark.parametrize(
     ("channels", "height", "width", "kernel_size"),
-    # channel groups of 4 vectors, single vectors and single channels; maps narrower and shorter than the kernel
+    # whole channel groups, single vectors and single channels; maps narrower and shorter than the kernel; both loop
+    # orders of the 3x3 kernel (pixels outer, and channels outer from 1024 channels on)
     [(64, 9, 11, 3), (96, 7, 7, 3), (24, 5, 6, 3), (37, 6, 4, 3), (13, 1, 1, 3), (40, 2, 9, 3), (20, 8, 3, 5),
-     (35, 4, 10, 7), (16, 3, 5, 1)],
+     (35, 4, 10, 7), (16, 3, 5, 1), (1024, 5, 6, 3), (1065, 4, 3, 3), (1029, 1, 1, 3), (1032, 3, 2, 3)],
 )
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])

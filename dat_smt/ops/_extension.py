@@ -1,6 +1,6 @@
 """Just-in-time build of the C++/CUDA extension (``dat_smt/ops/csrc``): the multi-scale deformable attention (MSDA)
-kernels for CPU and CUDA, and the CPU inference kernels of DAT's window attention, of neighborhood attention and of
-the depthwise convs with fused GELU.
+kernels for CPU and CUDA, and the CPU inference kernels of DAT's window attention, of neighborhood attention, of
+the depthwise convs with fused GELU and of LayerNorm over channels.
 
 The sources ship inside the package and are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
 into the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later
@@ -27,7 +27,7 @@ __all__ = ["DISABLE_ENV", "extension_status", "load_extension"]
 DISABLE_ENV = "DAT_SMT_DISABLE_EXTENSION"
 CSRC_DIR = Path(__file__).resolve().with_name("csrc")
 CPU_SOURCES = ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp", "neighborhood_attention_cpu.cpp",
-               "window_attention_cpu.cpp", "depthwise_conv_cpu.cpp")
+               "window_attention_cpu.cpp", "depthwise_conv_cpu.cpp", "layer_norm_cpu.cpp")
 CUDA_SOURCES = ("ms_deform_attn_cuda.cu",)
 
 _lock = threading.Lock()

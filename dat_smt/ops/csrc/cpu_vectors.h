@@ -160,6 +160,13 @@ DAT_SMT_CPU_INLINE float horizontal_sum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+DAT_SMT_CPU_INLINE float horizontal_sum(vec16 v) {
+  vec8 low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  return horizontal_sum(low + high);
+}
+
 // Softmax numerators of a row of logits, `vectors` whole vectors, in place: exp(logit - the row's maximum), where
 // lane_maxima are the lane-wise maxima of the row's vectors. Returns their sum. Padding lanes set to -inf become 0.
 DAT_SMT_CPU_INLINE float exponentiate_in_place(float* row, int64_t vectors, vec8 lane_maxima) {
