@@ -85,3 +85,16 @@ def test_layer_norm_over_several_dimensions_runs_pytorch(extension_calls):
 def test_bad_parameters_raise_clear_errors(extension_calls):
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"weight and bias must be \(8\)"):
         layer_norm(torch.randn(2, 8), torch.ones(7), None, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("norm", "x"),
+    [(LayerNorm(8, elementwise_affine=False), torch.randn(2, 6)),
+     (LayerNorm2d(8, affine=False), torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last))],
+)
+def test_inputs_of_the_wrong_width_are_rejected_without_affine_parameters(extension_calls, norm, x):
+    """With no weight to check against the input, the modules still refuse inputs whose channels are not the
+    normalised shape (PyTorch's own error), rather than normalising whatever width they get."""
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="normalized_shape"):
+        norm(x)
+    assert extension_calls == []

@@ -24,8 +24,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Eager float32 CPU inference on channels-last maps (which DAT++'s and SMT's maps are) runs the C++ kernel of the
     project's extension: conv, bias and GELU in one pass over the map. ``benchmarks/depthwise.py`` compares it with
-    PyTorch's conv and GELU in sequence; over three runs on a noisy AVX-512 CPU: 1.1-1.7x on the MLP maps (with
-    GELU), 1.0-1.5x on the maps of the local perception units (without). Autograd, other layouts, dtypes and devices,
+    PyTorch's conv and GELU in sequence; over four runs on a noisy AVX-512 CPU: 1.1-1.7x on the MLP maps (with
+    GELU), 1.0-1.6x on the maps of the local perception units (without). Autograd, other layouts, dtypes and devices,
     graphs being traced, compiled or exported, and builds without the extension run ``F.conv2d`` and ``F.gelu``; the
     two agree to float32 rounding.
     """

@@ -37,8 +37,9 @@ class LayerNorm(nn.LayerNorm):
     :func:`layer_norm`'s kernel where it applies."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) == 1 and _kernel_applies(x, self.weight, self.bias):
-            return torch.ops.dat_smt_ext.layer_norm_forward(x, self.weight, self.bias, self.eps)
+        # other shapes go to PyTorch, which also reports inputs that do not end in normalized_shape
+        if x.shape[-1:] == self.normalized_shape:
+            return layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
@@ -48,7 +49,7 @@ class LayerNorm2d(_TimmLayerNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pixels = x.permute(0, 2, 3, 1)
-        if _kernel_applies(pixels, self.weight, self.bias):
+        if pixels.shape[-1:] == self.normalized_shape and _kernel_applies(pixels, self.weight, self.bias):
             out = torch.ops.dat_smt_ext.layer_norm_forward(pixels, self.weight, self.bias, self.eps)
             return out.permute(0, 3, 1, 2)
         return super().forward(x)

@@ -78,6 +78,19 @@ DAT_SMT_CPU_INLINE void convolve_pixel_scalar(const float* const* rows, const fl
   out[x * channels + c] = acc;
 }
 
+// Output pixel x of the channel group of `width` channels from c on (see group_width), whose taps are group_taps.
+template <int kKernel, bool kChecked>
+DAT_SMT_CPU_INLINE void convolve_group_pixel(const float* const* rows, const float* group_taps, const float* bias,
+                                             float* out, int64_t x, int64_t c, int64_t width, const ConvSizes& sz) {
+  if (width == kGroupChannels) {
+    convolve_pixel<vec16, kKernel, kGroupVectors, kChecked>(rows, group_taps, bias, out, x, c, sz);
+  } else if (width == kLanes) {
+    convolve_pixel<vec8, kKernel, 1, kChecked>(rows, group_taps, bias, out, x, c, sz);
+  } else {
+    convolve_pixel_scalar(rows, group_taps, bias, out, x, c, sz);
+  }
+}
+
 // Pixels outer, channels inner: consecutive loads walk along the channels of a few rows, where channels outer would
 // step through the rows a whole pixel at a time (convolve_rows says where channels outer wins nonetheless).
 template <int kKernel, bool kChecked>
@@ -86,14 +99,7 @@ DAT_SMT_CPU_INLINE void convolve_pixel_channels(const float* const* rows, const 
   const int64_t taps_per_channel = sz.kernel * sz.kernel;
   for (int64_t c = 0, width; c < sz.channels; c += width) {
     width = group_width(c, sz.channels);
-    const float* group_taps = taps + c * taps_per_channel;
-    if (width == kGroupChannels) {
-      convolve_pixel<vec16, kKernel, kGroupVectors, kChecked>(rows, group_taps, bias, out, x, c, sz);
-    } else if (width == kLanes) {
-      convolve_pixel<vec8, kKernel, 1, kChecked>(rows, group_taps, bias, out, x, c, sz);
-    } else {
-      convolve_pixel_scalar(rows, group_taps, bias, out, x, c, sz);
-    }
+    convolve_group_pixel<kKernel, kChecked>(rows, taps + c * taps_per_channel, bias, out, x, c, width, sz);
   }
 }
 
@@ -113,16 +119,17 @@ DAT_SMT_CPU_INLINE void convolve_row(const float* const* rows, const float* taps
   }
 }
 
-// One output row of a 3x3 conv, one vector of channels from c on, whose taps are `group_lanes` apart in the packed
-// table: the 9 taps stay in registers and the 3x3 input window slides along the row in registers, so each input
-// vector is loaded once rather than once per tap (columns past the sides are zero vectors, which add nothing).
+// One output row of a 3x3 conv, one vector of channels from c on, in a whole group whose packed taps (kGroupChannels
+// apart) start at taps: the 9 taps stay in registers and the 3x3 input window slides along the row in registers, so
+// each input vector is loaded once rather than once per tap (columns past the sides are zero vectors, which add
+// nothing).
 template <typename V>
-DAT_SMT_CPU_INLINE void slide_vector3(const float* const* rows, const float* taps, int64_t group_lanes,
-                                      const float* bias, float* out, int64_t c, const ConvSizes& sz) {
+DAT_SMT_CPU_INLINE void slide_vector3(const float* const* rows, const float* taps, const float* bias, float* out,
+                                      int64_t c, const ConvSizes& sz) {
   const int64_t channels = sz.channels;
   V tap[9], left[3] = {}, middle[3], right[3];
   for (int i = 0; i < 9; ++i) {
-    tap[i] = load<V>(taps + i * group_lanes);
+    tap[i] = load<V>(taps + i * kGroupChannels);
   }
   for (int ky = 0; ky < 3; ++ky) {
     middle[ky] = load<V>(rows[ky] + c);
@@ -152,15 +159,11 @@ DAT_SMT_CPU_INLINE void slide_row3(const float* const* rows, const float* taps, 
     const float* group_taps = taps + c * 9;
     if (width == kGroupChannels) {
       for (int v = 0; v < kGroupVectors; ++v) {
-        slide_vector3<vec16>(rows, group_taps + v * kLanesOf<vec16>, width, bias, out, c + v * kLanesOf<vec16>, sz);
+        slide_vector3<vec16>(rows, group_taps + v * kLanesOf<vec16>, bias, out, c + v * kLanesOf<vec16>, sz);
       }
-      continue;
-    }
-    for (int64_t x = 0; x < sz.width; ++x) {
-      if (width == kLanes) {
-        convolve_pixel<vec8, 3, 1, true>(rows, group_taps, bias, out, x, c, sz);
-      } else {
-        convolve_pixel_scalar(rows, group_taps, bias, out, x, c, sz);
+    } else {
+      for (int64_t x = 0; x < sz.width; ++x) {
+        convolve_group_pixel<3, true>(rows, group_taps, bias, out, x, c, width, sz);
       }
     }
   }
